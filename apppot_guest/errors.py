@@ -1,0 +1,106 @@
+"""The errors AppPot's commands report, and the one exit-code table.
+
+Library code raises an ``AppPotError`` subclass with a one-line message that
+names the path or value at fault; only a command's ``main()`` catches it,
+prints ``PROG: error: MESSAGE`` and exits with the class's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The exit codes of apppot-snap (and of apppot-init's own failures before a
+# job runs).  Job launchers use the shell conventions instead (see job.py).
+EXIT_OK = 0
+EXIT_USAGE = 2  # argparse's own code for bad command-line words
+
+
+class AppPotError(Exception):
+    """Base class: a failure the user can act on, described in one line."""
+
+    exit_code = 1
+    summary = "other error"
+
+
+class UsageError(AppPotError):
+    exit_code = EXIT_USAGE
+    summary = "bad command-line option or argument"
+
+
+class ConfigError(AppPotError):
+    exit_code = 3
+    summary = "bad configuration (exclude list, kernel command line, defaults file)"
+
+
+class NoBaseError(AppPotError):
+    exit_code = 4
+    summary = "no base manifest recorded under the root (run 'apppot-snap base')"
+
+
+class BaseMismatchError(AppPotError):
+    exit_code = 5
+    summary = "the delta was made against another base (use --force to apply anyway)"
+
+
+class DeltaError(AppPotError):
+    exit_code = 6
+    summary = "the delta or manifest file is not readable, corrupt or tampered with"
+
+
+class UnsafePathError(AppPotError):
+    exit_code = 7
+    summary = "a path would be written outside the root or through a symlink"
+
+
+class FsError(AppPotError):
+    exit_code = 8
+    summary = "a file system operation failed (permissions, space, missing path)"
+
+
+class ToolError(AppPotError):
+    exit_code = 9
+    summary = "an external program (zstd, xz, gzip, mount, ...) failed"
+
+
+class Interrupted(AppPotError):
+    exit_code = 130
+    summary = "interrupted; nothing half-written was left behind"
+
+
+ALL_ERRORS: tuple[type[AppPotError], ...] = (
+    UsageError,
+    ConfigError,
+    NoBaseError,
+    BaseMismatchError,
+    DeltaError,
+    UnsafePathError,
+    FsError,
+    ToolError,
+    Interrupted,
+)
+
+
+def exit_code_table() -> str:
+    """The exit-code table as printed at the end of ``--help``."""
+    rows = ["exit codes:", f"  {EXIT_OK:>3}  success"]
+    rows += [f"  {cls.exit_code:>3}  {cls.summary}" for cls in ALL_ERRORS]
+    rows.append(f"  {AppPotError.exit_code:>3}  {AppPotError.summary}")
+    return "\n".join(rows)
+
+
+def fs_error(exc: OSError, action: str, path: object) -> FsError:
+    """Turn an OSError into an FsError naming the action and the path."""
+    reason = exc.strerror or str(exc)
+    return FsError(f"cannot {action} {display_path(path)}: {reason}")
+
+
+def display_path(path: object) -> str:
+    """A path for a one-line message: bytes-safe, control characters escaped."""
+    if isinstance(path, (bytes, bytearray)):
+        raw = bytes(path)
+    elif isinstance(path, (str, os.PathLike)):
+        raw = os.fsencode(path)
+    else:
+        raw = str(path).encode("utf-8", "surrogateescape")
+    text = raw.decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
