@@ -22,3 +22,8 @@ bench: deps
 
 clean:
 	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis
+
+# The apppot Debian package (stdeb): out/apppot_<version>-1_all.deb (docs/package.md).
+.PHONY: deb
+deb: deps
+	$(PY) scripts/build-deb

@@ -8,18 +8,41 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "apppot_guest" / "__init__.py").read_text(), re.M).group(1)
 
+
+# The package description (also the Debian package's extended description).
+LONG_DESCRIPTION = """\
+AppPot turns a minimal Debian image into one that scientists can run on a
+cluster: they boot it in User-Mode Linux on the desktop, install and build
+their software with sudo, apt-get and make, and save what they changed as a
+small delta with apppot-snap.  On the cluster every job boots the pristine
+shared image with that delta; the boot hook (apppot-init) merges it, runs the
+job's command as the unprivileged user in the job directory, records the exit
+status and powers off.
+
+This package holds the guest side: apppot-snap, apppot-init with its systemd
+unit and init script, the job account with passwordless sudo, and the
+compilers and tools an AppPot image promises.
+"""
+
 setup(
     name="apppot",
     version=VERSION,
-    description="AppPot: run your own Linux image as ordinary batch jobs in User-Mode Linux",
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
+    description="run your own Linux image as batch jobs in User-Mode Linux",
+    long_description=LONG_DESCRIPTION,
+    long_description_content_type="text/plain",
     author="AppPot developers",
     author_email="dev@apppot.invalid",
     url="https://apppot.invalid/",
     license="GPL-3+",
     packages=["apppot_guest"],
     package_data={"apppot_guest": ["exclude.default"]},
+    # Configuration installed as Debian conffiles (everything under /etc is one);
+    # the systemd unit, init script and maintainer scripts come from debian/.
+    data_files=[
+        ("/etc/apppot", ["etc/apppot/exclude"]),
+        ("/etc/default", ["etc/default/apppot"]),
+        ("/etc/apt/preferences.d", ["etc/apt/preferences.d/apppot"]),
+    ],
     python_requires=">=3.11",
     entry_points={
         "console_scripts": [

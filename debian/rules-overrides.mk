@@ -1,0 +1,21 @@
+# Appended by scripts/build-deb to the debian/rules that stdeb generates: the
+# parts of the apppot package that stdeb has no option for.
+
+# The test suite runs from the checkout (tests/), not inside the package build.
+export PYBUILD_DISABLE=test
+
+# apppot-init is run by the boot (the systemd unit and the init script), never
+# by a user: it belongs in /usr/sbin.
+override_dh_auto_install:
+	dh_auto_install
+	mkdir -p debian/apppot/usr/sbin
+	mv debian/apppot/usr/bin/apppot-init debian/apppot/usr/sbin/apppot-init
+
+# Enable the unit (debian/apppot.service) and the LSB init script
+# (debian/apppot.init) on install, but never start, stop or restart them while
+# dpkg runs: apppot-init runs a job only when the image boots.
+override_dh_installsystemd:
+	dh_installsystemd --no-start --no-stop-on-upgrade
+
+override_dh_installinit:
+	dh_installinit --no-start --no-stop-on-upgrade
