@@ -1,0 +1,387 @@
+"""Comparing a tree with its base, and writing the difference as a delta archive.
+
+A delta is a POSIX (pax) tar archive, optionally compressed, that GNU tar
+lists cleanly.  Its first member, ``APPPOT-DELTA``, is a text header::
+
+    apppot-delta 1
+    {"apppot_version": ..., "base_id": ..., "created": ..., "create": N, "meta": N, "delete": N}
+    D<TAB><escaped path>              a path to delete (with everything below it)
+    C<TAB><manifest entry line>       an entry to create or replace; its member follows
+    M<TAB><manifest entry line>       metadata-only change of an existing entry
+
+The header's entry lines (see manifest.py) are the authoritative metadata:
+mode, owner, nanosecond mtime, xattrs (security.capability included) and
+content hashes.  After the header come the members of the ``C`` lines in the
+same order: file contents (sparse files in GNU's sparse 1.0 format), hard
+links, symlinks, directories, device nodes and FIFOs.  Deletions live only in
+the header, so a user file named like a whiteout (``.wh.x``) is just a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from . import __version__
+from .errors import DeltaError, FsError, ToolError, UsageError, fs_error
+from .manifest import Entry, Kind, Manifest, escape, format_entry
+from .tree import CHUNK, Excluder, Scan, data_extents, hash_zeros
+
+log = logging.getLogger(__name__)
+
+HEADER_NAME = "APPPOT-DELTA"
+HEADER_MAGIC = b"apppot-delta 1"
+BLOCK = 512
+RECORD = 20 * BLOCK
+
+# File-name ending -> compressor argv (None: plain tar).  zstd is the default:
+# see docs/benchmarks.md for the measurements behind the choice and level.
+COMPRESSORS: dict[str, list[str] | None] = {
+    ".tar.zst": ["zstd", "-q", "-T0", "-6"],
+    ".tar.gz": ["gzip", "-6", "-n"],
+    ".tgz": ["gzip", "-6", "-n"],
+    ".tar.xz": ["xz", "-q", "-T0", "-6"],
+    ".tar": None,
+}
+DEFAULT_SUFFIX = ".tar.zst"
+DECOMPRESSORS: list[tuple[bytes, list[str]]] = [
+    (b"\x28\xb5\x2f\xfd", ["zstd", "-q", "-d", "-c"]),
+    (b"\x1f\x8b", ["gzip", "-d", "-c"]),
+    (b"\xfd7zXZ\x00", ["xz", "-q", "-d", "-c", "-T0"]),
+]
+
+
+class Op(enum.StrEnum):
+    CREATE = "C"
+    META = "M"
+    DELETE = "D"
+
+
+class Status(enum.StrEnum):
+    ADDED = "A"
+    MODIFIED = "M"
+    DELETED = "D"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One path that differs from the base: what ``status`` lists."""
+
+    status: Status
+    path: bytes
+    what: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    """The difference between a base and the current tree."""
+
+    changes: list[Change]
+    ops: list[tuple[Op, Entry | bytes]]  # delta operations, in header order
+
+
+def compare(
+    base: Manifest,
+    scan: Scan,
+    exclude: Excluder,
+    *,
+    checksum: bool = False,
+    for_delta: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Diff:
+    """Compare ``scan`` with ``base``; hashes only what it must.
+
+    Size and mtime unchanged means content unchanged (unless ``checksum``).  A
+    file whose mtime moved is hashed: same hash means a metadata-only change.
+    With ``for_delta``, every file whose content goes into the delta is hashed
+    so that the header can carry its hash.
+    """
+    current = scan.entries
+    to_hash = []
+    for path, entry in current.items():
+        old = base.entries.get(path)
+        if entry.kind is not Kind.FILE:
+            continue
+        if old is None or old.kind is not Kind.FILE:
+            if for_delta and not entry.link:
+                to_hash.append(path)
+        elif checksum or (entry.size == old.size and entry.mtime_ns != old.mtime_ns):
+            to_hash.append(path)
+        elif entry.size != old.size:
+            if for_delta:
+                to_hash.append(path)
+        else:
+            current[path] = replace(entry, digest=old.digest)
+    scan.hash_files(to_hash, progress)
+
+    changes: list[Change] = []
+    creates: list[tuple[Op, Entry | bytes]] = []
+    for path, entry in current.items():
+        old = base.entries.get(path)
+        if old is None:
+            changes.append(Change(Status.ADDED, path))
+            creates.append((Op.CREATE, entry))
+            continue
+        if not for_delta and entry.kind is Kind.FILE and old.kind is Kind.FILE and entry.size != old.size:
+            entry = replace(entry, digest="?")  # not hashed: the size alone shows the change
+        what = old.differences(entry)
+        if not what:
+            continue
+        changes.append(Change(Status.MODIFIED, path, tuple(what)))
+        if old.same_content(entry):
+            creates.append((Op.META, entry))
+        else:
+            creates.append((Op.CREATE, entry))
+    deletes: list[tuple[Op, Entry | bytes]] = []
+    for path in base.entries:
+        if path in current or exclude(path):
+            continue
+        changes.append(Change(Status.DELETED, path))
+        parent = path.rpartition(b"/")[0]
+        if not parent or (parent in current and current[parent].kind is Kind.DIR):
+            deletes.append((Op.DELETE, path))  # the topmost deleted path of its tree
+    changes.sort(key=lambda c: c.path)
+    creates.sort(key=lambda op: op[1].path)  # type: ignore[union-attr]
+    deletes.sort(key=lambda op: op[1])  # type: ignore[arg-type, return-value]
+    return Diff(changes, deletes + creates)
+
+
+def header_bytes(base_id: str, ops: list[tuple[Op, Entry | bytes]]) -> bytes:
+    counts = {op.name.lower(): 0 for op in Op}
+    lines = []
+    for op, item in ops:
+        counts[op.name.lower()] += 1
+        payload = escape(item) if isinstance(item, bytes) else format_entry(item)
+        lines.append(op.encode() + b"\t" + payload)
+    meta = {
+        "apppot_version": __version__,
+        "base_id": base_id,
+        "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **counts,
+    }
+    return b"\n".join([HEADER_MAGIC, json.dumps(meta, sort_keys=True).encode(), *lines]) + b"\n"
+
+
+def compressor_for(path: Path) -> list[str] | None:
+    for suffix, argv in COMPRESSORS.items():
+        if path.name.endswith(suffix):
+            return argv
+    known = ", ".join(COMPRESSORS)
+    raise UsageError(f"cannot tell the compression of {path}: its name must end in one of {known}")
+
+
+class TarWriter:
+    """Writes pax tar members to a binary stream, padding as tar wants."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.written = 0
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.out.write(data)
+        self.written += len(data)
+
+    def _pad(self) -> None:
+        if self.written % BLOCK:
+            self._write(bytes(BLOCK - self.written % BLOCK))
+
+    def add(self, info: tarfile.TarInfo, data: bytes = b"") -> None:
+        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if data:
+            self._write(data)
+            self._pad()
+
+    def add_file(self, info: tarfile.TarInfo, fd: int, size: int, sparse: bool, digest: str, where: bytes) -> None:
+        """A regular file's content, streamed from ``fd``; checks it still matches ``digest``."""
+        extents = data_extents(fd, size) if sparse else [(0, size)]
+        h = hashlib.sha256()
+        if sparse:
+            sparse_map = [*extents, (size, 0)]
+            map_text = b"".join(b"%d\n%d\n" % pair for pair in sparse_map)
+            map_text = b"%d\n" % len(sparse_map) + map_text
+            map_text += bytes(-len(map_text) % BLOCK)
+            real_name = info.name
+            head, _, tail = real_name.rpartition("/")
+            info = replace_tarinfo(info, name=(head + "/" if head else "") + "GNUSparseFile.0/" + tail)
+            info.size = len(map_text) + sum(length for _, length in extents)
+            info.pax_headers = {
+                "GNU.sparse.major": "1",
+                "GNU.sparse.minor": "0",
+                "GNU.sparse.name": real_name,
+                "GNU.sparse.realsize": str(size),
+            }
+            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            self._write(map_text)
+        else:
+            info.size = size
+            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        position = 0
+        for start, length in extents:
+            hash_zeros(h, start - position)
+            os.lseek(fd, start, os.SEEK_SET)
+            remaining = length
+            while remaining:
+                n = os.readv(fd, [view[: min(CHUNK, remaining)]])
+                if not n:
+                    raise FsError(f"{os.fsdecode(where)} shrank while it was being archived; run again")
+                h.update(view[:n])
+                self._write(view[:n])
+                remaining -= n
+            position = start + length
+        hash_zeros(h, size - position)
+        self._pad()
+        if digest and h.hexdigest() != digest:
+            raise FsError(f"{os.fsdecode(where)} changed while it was being archived; run again")
+
+    def close(self) -> None:
+        self._write(bytes(2 * BLOCK))
+        if self.written % RECORD:
+            self._write(bytes(RECORD - self.written % RECORD))
+        self.out.flush()
+
+
+def replace_tarinfo(info: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
+    copy = tarfile.TarInfo(name)
+    for attr in ("mode", "uid", "gid", "size", "mtime", "type", "linkname", "uname", "gname", "devmajor", "devminor"):
+        setattr(copy, attr, getattr(info, attr))
+    return copy
+
+
+TAR_TYPES = {
+    Kind.FILE: tarfile.REGTYPE,
+    Kind.DIR: tarfile.DIRTYPE,
+    Kind.SYMLINK: tarfile.SYMTYPE,
+    Kind.CHAR: tarfile.CHRTYPE,
+    Kind.BLOCK: tarfile.BLKTYPE,
+    Kind.FIFO: tarfile.FIFOTYPE,
+}
+
+
+def tarinfo_for(entry: Entry) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(os.fsdecode(entry.path))
+    info.type = tarfile.LNKTYPE if entry.link else TAR_TYPES[entry.kind]
+    info.mode = entry.mode
+    info.uid, info.gid = entry.uid, entry.gid
+    info.mtime = entry.mtime_ns // 1_000_000_000
+    info.uname = info.gname = ""
+    if entry.link:
+        info.linkname = os.fsdecode(entry.link)
+    elif entry.kind is Kind.SYMLINK:
+        info.linkname = os.fsdecode(entry.target)
+    elif entry.kind in (Kind.CHAR, Kind.BLOCK):
+        info.devmajor, info.devminor = os.major(entry.rdev), os.minor(entry.rdev)
+    return info
+
+
+def write_members(writer: TarWriter, scan: Scan, ops: Iterable[tuple[Op, Entry | bytes]], progress: Callable[[int, int], None] | None) -> None:
+    count = 0
+    for op, entry in ops:
+        if op is not Op.CREATE or not isinstance(entry, Entry):
+            continue
+        info = tarinfo_for(entry)
+        if entry.kind is Kind.FILE and not entry.link:
+            full = os.path.join(scan.broot, entry.path)
+            try:
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+            except OSError as exc:
+                raise fs_error(exc, "read", full) from exc
+            try:
+                writer.add_file(info, fd, entry.size, entry.path in scan.sparse, entry.digest, full)
+            except OSError as exc:
+                raise fs_error(exc, "read", full) from exc
+            finally:
+                os.close(fd)
+        else:
+            writer.add(info)
+        count += 1
+        if progress:
+            progress(count, writer.written)
+
+
+def write_delta(
+    scan: Scan,
+    diff: Diff,
+    base_id: str,
+    out_path: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Write the delta archive to ``out_path`` atomically; returns its size in bytes."""
+    compressor = compressor_for(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    try:
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise fs_error(exc, "create", tmp) from exc
+    proc = None
+    try:
+        with open(out_fd, "wb", closefd=True) as out_file:
+            if compressor:
+                log.debug("compressing with %s", " ".join(compressor))
+                try:
+                    proc = subprocess.Popen(compressor, stdin=subprocess.PIPE, stdout=out_file, stderr=subprocess.PIPE)
+                except OSError as exc:
+                    raise ToolError(f"cannot run {compressor[0]}: {exc.strerror}") from exc
+                sink: BinaryIO = proc.stdin  # type: ignore[assignment]
+            else:
+                sink = out_file
+            writer = TarWriter(sink)
+            header = header_bytes(base_id, diff.ops)
+            info = tarfile.TarInfo(HEADER_NAME)
+            info.size, info.mode, info.mtime = len(header), 0o644, int(datetime.datetime.now().timestamp())
+            try:
+                writer.add(info, header)
+                write_members(writer, scan, diff.ops, progress)
+                writer.close()
+            except BrokenPipeError:
+                pass  # the compressor died: reported below
+            finally:
+                if proc:
+                    sink.close()
+            if proc:
+                err = proc.stderr.read() if proc.stderr else b""
+                if proc.wait() != 0:
+                    raise ToolError(f"{compressor[0]} failed writing {out_path}: {err.decode(errors='replace').strip()}")  # type: ignore[index]
+            out_file.flush()
+            os.fsync(out_file.fileno())
+        os.replace(tmp, out_path)
+        return out_path.stat().st_size
+    except BaseException:
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_archive(path: Path) -> tuple[BinaryIO, subprocess.Popen[bytes] | None]:
+    """Open a delta for reading, decompressing by its magic bytes (not its name)."""
+    try:
+        raw = open(path, "rb")
+    except OSError as exc:
+        raise fs_error(exc, "read the delta", path) from exc
+    magic = os.pread(raw.fileno(), 6, 0)  # the file offset stays at 0 for the decompressor
+    for prefix, argv in DECOMPRESSORS:
+        if magic.startswith(prefix):
+            try:
+                proc = subprocess.Popen(argv, stdin=raw, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            except OSError as exc:
+                raw.close()
+                raise ToolError(f"cannot run {argv[0]} to read {path}: {exc.strerror}") from exc
+            raw.close()
+            return proc.stdout, proc  # type: ignore[return-value]
+    if len(magic) == 0:
+        raw.close()
+        raise DeltaError(f"{path} is empty, not an AppPot delta")
+    return raw, None

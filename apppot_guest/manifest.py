@@ -1,0 +1,302 @@
+"""The manifest format: one line per file-system entry, bytes-safe, sorted.
+
+A manifest file is::
+
+    apppot-manifest 1
+    {"apppot_version": "...", "created": "...", "entries": N, "id": "sha256:..."}
+    <entry line>
+    ...
+
+An entry line has twelve tab-separated fields::
+
+    path kind mode uid gid size mtime_ns digest target rdev xattrs link
+
+``path``, ``target`` and ``link`` are raw bytes relative to the root (no
+leading slash), with tab, newline, carriage return, backslash and other
+control bytes written as ``\\xHH``; every other byte, valid UTF-8 or not, is
+stored as it is.  ``mode`` is octal, ``rdev`` is ``major:minor``, ``xattrs`` is
+a comma-separated list of ``name=hexvalue`` (``,`` and ``=`` in names escaped
+too).  An empty field means "none".  ``link`` names the hardlink group's first
+path (in byte order) on every other member of the group.
+
+The manifest's ID is the SHA-256 of its entry lines: the same tree gives the
+same ID wherever and whenever it is recorded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import hashlib
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import DeltaError, NoBaseError, fs_error
+
+MAGIC = b"apppot-manifest 1"
+BASE_DIR = Path("var/lib/apppot")
+BASE_NAME = "base.manifest"
+
+
+class Kind(enum.StrEnum):
+    FILE = "f"
+    DIR = "d"
+    SYMLINK = "l"
+    CHAR = "c"
+    BLOCK = "b"
+    FIFO = "p"
+
+
+KIND_OF_MODE = {
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFDIR: Kind.DIR,
+    stat.S_IFLNK: Kind.SYMLINK,
+    stat.S_IFCHR: Kind.CHAR,
+    stat.S_IFBLK: Kind.BLOCK,
+    stat.S_IFIFO: Kind.FIFO,
+}
+MODE_OF_KIND = {kind: mode for mode, kind in KIND_OF_MODE.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What apppot-snap records of one file-system entry."""
+
+    path: bytes
+    kind: Kind
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    mtime_ns: int = 0
+    digest: str = ""
+    target: bytes = b""
+    rdev: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    link: bytes = b""
+
+    def same_content(self, other: Entry) -> bool:
+        """True if the two entries have the same type and payload (not metadata)."""
+        return (
+            self.kind == other.kind
+            and self.size == other.size
+            and self.digest == other.digest
+            and self.target == other.target
+            and self.rdev == other.rdev
+            and self.link == other.link
+        )
+
+    def same_metadata(self, other: Entry) -> bool:
+        return (
+            self.mode == other.mode
+            and self.uid == other.uid
+            and self.gid == other.gid
+            and self.mtime_ns == other.mtime_ns
+            and self.xattrs == other.xattrs
+        )
+
+    def differences(self, other: Entry) -> list[str]:
+        """Names of the fields in which ``other`` differs from this entry."""
+        fields = ("kind", "size", "digest", "target", "rdev", "link", "mode", "uid", "gid", "mtime_ns", "xattrs")
+        return [f for f in fields if getattr(self, f) != getattr(other, f)]
+
+
+_ESCAPE_PATH = re.compile(rb"[\x00-\x1f\x7f\\]")
+_ESCAPE_NAME = re.compile(rb"[\x00-\x1f\x7f\\,=]")
+_UNESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def escape(raw: bytes, pattern: re.Pattern[bytes] = _ESCAPE_PATH) -> bytes:
+    return pattern.sub(lambda m: b"\\x%02x" % m.group()[0], raw)
+
+
+def unescape(field: bytes) -> bytes:
+    if b"\\" not in field:
+        return field
+    out = _UNESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), field)
+    if out.count(b"\\") != field.count(b"\\x5c"):
+        raise ValueError(f"bad escape in {field!r}")
+    return out
+
+
+def format_entry(e: Entry) -> bytes:
+    xattrs = b",".join(escape(n, _ESCAPE_NAME) + b"=" + v.hex().encode() for n, v in e.xattrs)
+    rdev = b"%d:%d" % (os.major(e.rdev), os.minor(e.rdev)) if e.kind in (Kind.CHAR, Kind.BLOCK) else b""
+    return b"\t".join(
+        (
+            escape(e.path),
+            e.kind.encode(),
+            b"%o" % e.mode,
+            b"%d" % e.uid,
+            b"%d" % e.gid,
+            b"%d" % e.size,
+            b"%d" % e.mtime_ns,
+            e.digest.encode(),
+            escape(e.target),
+            rdev,
+            xattrs,
+            escape(e.link),
+        )
+    )
+
+
+def parse_entry(line: bytes) -> Entry:
+    """Parse one entry line; raises ValueError on anything malformed."""
+    fields = line.split(b"\t")
+    if len(fields) != 12:
+        raise ValueError(f"expected 12 fields, found {len(fields)}")
+    path, kind, mode, uid, gid, size, mtime, digest, target, rdev, xattrs, link = fields
+    rdev_num = 0
+    if rdev:
+        major, minor = rdev.split(b":")
+        rdev_num = os.makedev(int(major), int(minor))
+    pairs = []
+    if xattrs:
+        for item in xattrs.split(b","):
+            name, value = item.split(b"=")
+            pairs.append((unescape(name), bytes.fromhex(value.decode("ascii"))))
+    entry = Entry(
+        path=unescape(path),
+        kind=Kind(kind.decode("ascii")),
+        mode=int(mode, 8),
+        uid=int(uid),
+        gid=int(gid),
+        size=int(size),
+        mtime_ns=int(mtime),
+        digest=digest.decode("ascii"),
+        target=unescape(target),
+        rdev=rdev_num,
+        xattrs=tuple(pairs),
+        link=unescape(link),
+    )
+    if not entry.path or entry.mode < 0 or entry.size < 0:
+        raise ValueError("empty path or negative number")
+    return entry
+
+
+def entries_id(lines: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line)
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A recorded tree: its entries by path, and its ID."""
+
+    entries: dict[bytes, Entry]
+    id: str
+    created: str = ""
+    apppot_version: str = __version__
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[Entry]) -> Manifest:
+        by_path = {e.path: e for e in entries}
+        ordered = sorted(by_path)
+        return cls(
+            entries={p: by_path[p] for p in ordered},
+            id=entries_id(format_entry(by_path[p]) for p in ordered),
+            created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+    def to_bytes(self) -> bytes:
+        header = {"apppot_version": self.apppot_version, "created": self.created, "entries": len(self.entries), "id": self.id}
+        lines = [MAGIC, json.dumps(header, sort_keys=True).encode()]
+        lines += [format_entry(e) for e in self.entries.values()]
+        return b"\n".join(lines) + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        if len(lines) < 2 or lines[0] != MAGIC:
+            raise DeltaError(f"{where}: not an apppot manifest (first line is not {MAGIC.decode()!r})")
+        try:
+            header = json.loads(lines[1])
+        except ValueError as exc:
+            raise DeltaError(f"{where}:2: bad manifest header: {exc}") from None
+        entries: dict[bytes, Entry] = {}
+        for number, line in enumerate(lines[2:], start=3):
+            try:
+                entry = parse_entry(line)
+            except (ValueError, KeyError) as exc:
+                raise DeltaError(f"{where}:{number}: bad manifest entry: {exc}") from None
+            entries[entry.path] = entry
+        manifest_id = entries_id(lines[2:])
+        if header.get("id") != manifest_id or header.get("entries") != len(entries):
+            raise DeltaError(f"{where}: manifest is corrupt (its ID or entry count does not match its entries)")
+        return cls(entries, manifest_id, str(header.get("created", "")), str(header.get("apppot_version", "")))
+
+
+def base_path(root: Path) -> Path:
+    return root / BASE_DIR / BASE_NAME
+
+
+def load_base(root: Path) -> Manifest:
+    path = base_path(root)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NoBaseError(f"no base manifest at {path}: record one with 'apppot-snap base'") from None
+    except OSError as exc:
+        raise fs_error(exc, "read the base manifest", path) from exc
+    return Manifest.from_bytes(data, os.fspath(path))
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise fs_error(exc, "write", path) from exc
+
+
+def save_base(root: Path, manifest: Manifest) -> Path:
+    path = base_path(root)
+    make_dirs_quietly(path.parent)
+    atomic_write(path, manifest.to_bytes())
+    return path
+
+
+def make_dirs_quietly(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, leaving the mtimes of existing parents as they were.
+
+    Recording a base must not itself show up as a change of ``var/lib``.
+    """
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    if not missing:
+        return
+    st = os.lstat(directory)
+    try:
+        for new in reversed(missing):
+            new.mkdir(mode=0o755)
+    except OSError as exc:
+        raise fs_error(exc, "create", new) from exc
+    os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns))

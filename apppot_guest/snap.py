@@ -1,0 +1,231 @@
+"""apppot-snap: record an image's base, list and save what changed since, apply a delta."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import pwd
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .delta import DEFAULT_SUFFIX, Diff, compare, compressor_for, write_delta
+from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table
+from .manifest import Manifest, load_base, save_base
+from .merge import apply_delta
+from .tree import Excluder, Scan
+
+PROG = "apppot-snap"
+log = logging.getLogger(PROG)
+
+
+class Progress:
+    """A self-updating line on a terminal's stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled and sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, entries: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        self.shown = True
+        sys.stderr.write(f"\r{self.label}: {entries} entries, {nbytes / 1e6:.1f} MB\x1b[K")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def invoking_user_home() -> Path:
+    """The home of the user who ran us, also under sudo."""
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and os.geteuid() == 0:
+        try:
+            return Path(pwd.getpwnam(sudo_user).pw_dir)
+        except KeyError:
+            pass
+    return Path.home()
+
+
+def default_delta_path() -> Path:
+    job = invoking_user_home() / "job"
+    if os.path.ismount(job):
+        return job / f"apppot.{datetime.date.today().isoformat()}.changes{DEFAULT_SUFFIX}"
+    return Path.cwd() / f"apppot.changes{DEFAULT_SUFFIX}"
+
+
+def load_excluder(args: argparse.Namespace, extra_paths: tuple[Path, ...] = ()) -> Excluder:
+    return Excluder.load(args.root, args.exclude_from or (), extra_paths)
+
+
+def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Excluder) -> tuple[Manifest, Scan, Diff]:
+    base = load_base(args.root)
+    progress = Progress("scanning", args.progress)
+    scan = Scan(args.root, exclude, progress)
+    diff = compare(base, scan, exclude, checksum=args.checksum, for_delta=for_delta, progress=progress)
+    progress.done()
+    return base, scan, diff
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    progress = Progress("recording base", args.progress)
+    scan = Scan(args.root, load_excluder(args), progress)
+    scan.hash_files(list(scan.entries), progress)
+    progress.done()
+    manifest = Manifest.from_entries(scan.entries.values())
+    total = sum(e.size for e in manifest.entries.values())
+    if args.just_print:
+        print(f"would record base {manifest.id} ({len(manifest.entries)} entries, {total / 1e6:.1f} MB) in {args.root}")
+        return 0
+    path = save_base(args.root, manifest)
+    print(f"recorded base {manifest.id} ({len(manifest.entries)} entries, {total / 1e6:.1f} MB) in {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    base, _, diff = scan_and_compare(args, for_delta=False, exclude=load_excluder(args))
+    if args.json:
+        items = [{"status": str(c.status), "path": "/" + os.fsdecode(c.path), "what": list(c.what)} for c in diff.changes]
+        json.dump({"root": os.fspath(args.root), "base_id": base.id, "changes": items}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    for change in diff.changes:
+        detail = f"  ({', '.join(change.what)})" if args.verbose and change.what else ""
+        print(f"{change.status} /{display_path(change.path)}{detail}")
+    return 0
+
+
+def cmd_changes(args: argparse.Namespace) -> int:
+    out = Path(os.path.abspath(args.file or default_delta_path()))
+    compressor_for(out)  # a bad file name is refused before any work
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: {out.parent} is not a directory")
+    exclude = load_excluder(args, extra_paths=(out,))
+    base, scan, diff = scan_and_compare(args, for_delta=True, exclude=exclude)
+    if args.just_print or args.verbose:
+        for op, item in diff.ops:
+            path = item if isinstance(item, bytes) else item.path
+            print(f"{op} /{display_path(path)}")
+    if args.just_print:
+        print(f"would write {out}: {len(diff.changes)} changed paths against base {base.id}")
+        return 0
+    progress = Progress("writing", args.progress)
+    size = write_delta(scan, diff, base.id, out, progress)
+    progress.done()
+    if os.geteuid() == 0 and "SUDO_UID" in os.environ:
+        os.chown(out, int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", "-1")))
+    print(f"wrote {out}: {len(diff.changes)} changed paths, {size / 1e6:.2f} MB, against base {base.id}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    report = apply_delta(args.root, Path(args.file), force=args.force, dry_run=args.just_print, exclude=load_excluder(args))
+    if args.just_print or args.verbose:
+        for line in report.plan:
+            print(("would " if args.just_print else "") + line)
+    verb = "would apply" if args.just_print else "applied"
+    print(f"{verb} {args.file}: {report.created} created, {report.updated} updated, {report.deleted} deleted")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Options may stand before or after the action word: the sub-parsers' copies
+    # default to SUPPRESS, so they only override what was given after the word.
+    main = argparse.ArgumentParser(
+        prog=PROG,
+        description="Record an AppPot image's base, list and save what changed since, and apply such deltas.",
+        epilog=exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(main, suppress=False)
+    main.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = main.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = {
+        "base": ("record the base manifest of the root in var/lib/apppot/", cmd_base),
+        "status": ("list what differs from the base: A added, M modified, D deleted", cmd_status),
+        "changes": ("write a delta archive of everything that differs from the base", cmd_changes),
+        "merge": ("apply a delta archive made against this root's base", cmd_merge),
+    }
+    for name, (help_text, handler) in actions.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=exit_code_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_common(p, suppress=True)
+        p.set_defaults(handler=handler)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the changes as JSON")
+        if name == "changes":
+            p.add_argument("file", nargs="?", metavar="FILE", help=f"the delta to write (.tar.zst, .tar.gz, .tar.xz or .tar; default: ~/job/apppot.DATE.changes{DEFAULT_SUFFIX} when ~/job is mounted, else ./apppot.changes{DEFAULT_SUFFIX})")
+        if name == "merge":
+            p.add_argument("file", metavar="FILE", help="the delta to apply")
+    return main
+
+
+def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS
+
+    def opt(*names: str, value: object, **kw: object) -> None:
+        parser.add_argument(*names, default=default if suppress else value, **kw)  # type: ignore[arg-type]
+
+    opt("--root", value=Path("/"), type=Path, metavar="DIR", help="operate on the image tree DIR (default: /)")
+    opt("-v", "--verbose", value=False, action="store_true", help="say more: each path and what changed")
+    opt("-n", "--just-print", value=False, action="store_true", help="dry run: say what would happen, change nothing")
+    opt("--exclude-from", value=None, action="append", type=Path, metavar="FILE", help="also exclude the patterns in FILE (repeatable)")
+    opt("--checksum", value=False, action="store_true", help="hash every file instead of trusting size and mtime")
+    opt("--force", value=False, action="store_true", help="merge: apply a delta made against another base")
+    opt("--debug", value=False, action="store_true", help="log everything and show tracebacks")
+
+
+def maybe_sudo(args: argparse.Namespace) -> None:
+    """Reading and writing a whole system needs root: re-run through sudo when that is possible."""
+    if os.geteuid() == 0 or args.root.resolve() != Path("/") or os.environ.get("APPPOT_SNAP_NO_SUDO"):
+        return
+    sudo = shutil.which("sudo")
+    if sudo is None:
+        return
+    log.debug("re-running as root through sudo")
+    os.execv(sudo, [sudo, "-n", "--", sys.executable, "-m", "apppot_guest.snap", *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        format=f"{PROG}: %(levelname)s: %(message)s",
+        level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
+    )
+    args.progress = True
+    if not args.root.is_dir():
+        print(f"{PROG}: error: the root {args.root} is not a directory", file=sys.stderr)
+        return UsageError.exit_code
+    try:
+        if argv is None:
+            maybe_sudo(args)
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        error: AppPotError = Interrupted("interrupted")
+    except AppPotError as exc:
+        if args.debug:
+            raise
+        error = exc
+    except OSError as exc:
+        if args.debug:
+            raise
+        error = AppPotError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Walking a root: exclusions, lstat metadata, xattrs, hardlink groups, content hashes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import ConfigError, FsError, fs_error
+from .manifest import KIND_OF_MODE, Entry, Kind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXCLUDE = Path(__file__).with_name("exclude.default")
+IMAGE_EXCLUDE = Path("etc/apppot/exclude")  # the package's conffile, under the root
+CHUNK = 1 << 20
+_ZEROS = bytes(CHUNK)
+
+
+def _glob_to_regex(component: bytes) -> bytes:
+    out = b""
+    i = 0
+    while i < len(component):
+        c = component[i : i + 1]
+        if c == b"*":
+            out += b"[^/]*"
+        elif c == b"?":
+            out += b"[^/]"
+        elif c == b"[" and b"]" in component[i + 2 :]:
+            end = component.index(b"]", i + 2)
+            body = component[i + 1 : end]
+            if body.startswith(b"!"):
+                body = b"^" + body[1:]
+            out += b"[" + body.replace(b"\\", b"\\\\") + b"]"
+            i = end
+        else:
+            out += re.escape(c)
+        i += 1
+    return out
+
+
+class Excluder:
+    """Decides which paths (relative to the root, as bytes) are left out."""
+
+    def __init__(self, patterns: Iterable[bytes]) -> None:
+        self.patterns = sorted(set(patterns))
+        alternatives = [b"/".join(_glob_to_regex(c) for c in p.strip(b"/").split(b"/")) for p in self.patterns]
+        body = b"|".join(alternatives) if alternatives else b"(?!)"
+        self._regex = re.compile(b"(?:" + body + b")(?:/.*)?", re.S)
+
+    def __call__(self, rel: bytes) -> bool:
+        return self._regex.fullmatch(rel) is not None
+
+    @classmethod
+    def load(cls, root: Path, extra_files: Iterable[Path] = (), extra_paths: Iterable[Path] = ()) -> Excluder:
+        """The image's exclude list (or the packaged default), plus ``extra_files`` and ``extra_paths``."""
+        image_list = root / IMAGE_EXCLUDE
+        sources = [image_list if image_list.is_file() else DEFAULT_EXCLUDE, *extra_files]
+        patterns: list[bytes] = []
+        for source in sources:
+            patterns += read_patterns(source)
+        resolved_root = os.fsencode(root.resolve())
+        for extra in extra_paths:
+            absolute = os.fsencode(Path(os.path.abspath(extra)))
+            if absolute.startswith(resolved_root.rstrip(b"/") + b"/"):
+                patterns.append(b"/" + glob_escape(absolute[len(resolved_root.rstrip(b"/")) + 1 :]))
+        return cls(patterns)
+
+
+def glob_escape(path: bytes) -> bytes:
+    return re.sub(rb"([*?\[])", rb"[\1]", path)
+
+
+def read_patterns(source: Path) -> list[bytes]:
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read exclude list {source}: {exc.strerror}") from None
+    patterns = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if not line.startswith(b"/"):
+            raise ConfigError(f"{source}:{number}: exclude pattern {os.fsdecode(line)!r} is not an absolute path")
+        if b"/../" in line + b"/" or line.rstrip(b"/") == b"":
+            raise ConfigError(f"{source}:{number}: exclude pattern {os.fsdecode(line)!r} would exclude everything")
+        patterns.append(line.rstrip(b"/"))
+    return patterns
+
+
+def read_xattrs(path: bytes | int) -> tuple[tuple[bytes, bytes], ...]:
+    """All extended attributes of ``path`` (not following symlinks); none where unsupported."""
+    follow = isinstance(path, int)
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
+            return ()
+        raise
+    if not names:
+        return ()
+    pairs = []
+    for name in names:
+        try:
+            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=follow)))
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    return tuple(sorted(pairs))
+
+
+def entry_from_stat(rel: bytes, st: os.stat_result, full: bytes) -> Entry | None:
+    """The manifest entry for ``full`` (without a content hash); None for sockets."""
+    kind = KIND_OF_MODE.get(stat.S_IFMT(st.st_mode))
+    if kind is None:
+        log.debug("skipping socket %s", os.fsdecode(full))
+        return None
+    return Entry(
+        path=rel,
+        kind=kind,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        size=st.st_size if kind is Kind.FILE else 0,
+        mtime_ns=st.st_mtime_ns,
+        target=os.readlink(full) if kind is Kind.SYMLINK else b"",
+        rdev=st.st_rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        xattrs=read_xattrs(full),
+    )
+
+
+class Scan:
+    """The entries of one walk of a root, before hashing."""
+
+    def __init__(self, root: Path, exclude: Excluder, progress: Callable[[int, int], None] | None = None) -> None:
+        self.root = root
+        self.broot = os.fsencode(root)
+        self.entries: dict[bytes, Entry] = {}
+        self.sparse: set[bytes] = set()
+        self._walk(exclude, progress)
+
+    def _walk(self, exclude: Excluder, progress: Callable[[int, int], None] | None) -> None:
+        try:
+            root_dev = os.lstat(self.broot).st_dev
+        except OSError as exc:
+            raise fs_error(exc, "read the root", self.root) from exc
+        inodes: dict[tuple[int, int], list[bytes]] = {}
+        stack: list[bytes] = [b""]
+        while stack:
+            rel_dir = stack.pop()
+            full_dir = os.path.join(self.broot, rel_dir) if rel_dir else self.broot
+            try:
+                listing = list(os.scandir(full_dir))
+            except OSError as exc:
+                raise fs_error(exc, "list", full_dir) from exc
+            for item in listing:
+                rel = rel_dir + b"/" + item.name if rel_dir else item.name
+                if exclude(rel):
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                    entry = entry_from_stat(rel, st, item.path)
+                except FileNotFoundError:
+                    continue  # vanished while we looked: not part of this tree
+                except OSError as exc:
+                    raise fs_error(exc, "read", item.path) from exc
+                if entry is None:
+                    continue
+                if entry.kind is Kind.DIR:
+                    if st.st_dev != root_dev:
+                        log.debug("not crossing into the mount point %s", os.fsdecode(item.path))
+                        continue
+                    stack.append(rel)
+                elif entry.kind is Kind.FILE:
+                    if st.st_nlink > 1:
+                        inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+                    if st.st_blocks * 512 < st.st_size:
+                        self.sparse.add(rel)
+                self.entries[rel] = entry
+            if progress:
+                progress(len(self.entries), 0)
+        for group in inodes.values():
+            if len(group) > 1:
+                leader = min(group)
+                for member in group:
+                    if member != leader:
+                        self.entries[member] = replace(self.entries[member], link=leader)
+
+    def hash_files(self, paths: Iterable[bytes], progress: Callable[[int, int], None] | None = None) -> None:
+        """Fill in the content hash of the regular files ``paths`` (threads: hashlib drops the GIL)."""
+        todo = [p for p in paths if self.entries[p].kind is Kind.FILE]
+        done_bytes = 0
+        workers = min(8, 2 * (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for rel, digest in zip(todo, pool.map(self._hash_one, todo)):
+                entry = self.entries[rel]
+                self.entries[rel] = replace(entry, digest=digest)
+                done_bytes += entry.size
+                if progress:
+                    progress(len(self.entries), done_bytes)
+
+    def _hash_one(self, rel: bytes) -> str:
+        full = os.path.join(self.broot, rel)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+        except OSError as exc:
+            raise fs_error(exc, "read", full) from exc
+        try:
+            return hash_fd(fd, rel in self.sparse)
+        except OSError as exc:
+            raise fs_error(exc, "read", full) from exc
+        finally:
+            os.close(fd)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) runs of a file that hold data; the rest are holes."""
+    extents = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here on
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        extents.append((start, min(end, size) - start))
+        offset = end
+    os.lseek(fd, 0, os.SEEK_SET)
+    return extents
+
+
+def hash_fd(fd: int, sparse: bool = False) -> str:
+    """SHA-256 of the file's content; holes of a sparse file are hashed as zeros without reading them."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    if not sparse:
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+        return h.hexdigest()
+    size = os.fstat(fd).st_size
+    position = 0
+    for start, length in [*data_extents(fd, size), (size, 0)]:
+        hash_zeros(h, start - position)
+        os.lseek(fd, start, os.SEEK_SET)
+        remaining = length
+        while remaining:
+            n = os.readv(fd, [view[: min(CHUNK, remaining)]])
+            if not n:
+                raise FsError(f"file shrank while being read (fd {fd})")
+            h.update(view[:n])
+            remaining -= n
+        position = start + length
+    return h.hexdigest()
+
+
+def hash_zeros(h: hashlib._Hash, count: int) -> None:
+    """Feed ``count`` zero bytes (a hole) to the hash ``h``."""
+    while count > 0:
+        n = min(count, CHUNK)
+        h.update(_ZEROS[:n] if n < CHUNK else _ZEROS)
+        count -= n
