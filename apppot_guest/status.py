@@ -1,0 +1,196 @@
+"""The job's exit-status record: ``apppot.status.json`` and ``apppot.exitcode`` in the job directory.
+
+Both files are written atomically (temporary file in the same directory,
+fsync, rename, then fsync of the directory): a reader never sees half a file
+and an interrupted writer leaves the previous one whole.  The host launcher
+reads them back with ``read_status()`` / ``read_exitcode()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .errors import FsError, fs_error
+from .job import JobResult
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "apppot.status.json"
+EXITCODE_FILE = "apppot.exitcode"
+
+FIELDS = (
+    "exit_code",
+    "signal",
+    "outcome",
+    "error",
+    "command",
+    "cwd",
+    "user",
+    "uid",
+    "gid",
+    "started_at",
+    "finished_at",
+    "wall_seconds",
+    "cpu_user_seconds",
+    "cpu_system_seconds",
+    "max_rss_kib",
+    "oom_killed",
+    "apppot_version",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the job directory is told about the job (see FIELDS for the JSON keys)."""
+
+    exit_code: int
+    signal: int | None
+    outcome: str
+    error: str | None
+    command: tuple[str, ...] | None
+    cwd: str | None
+    user: str | None
+    uid: int | None
+    gid: int | None
+    started_at: datetime
+    finished_at: datetime
+    wall_seconds: float
+    cpu_user_seconds: float
+    cpu_system_seconds: float
+    max_rss_kib: int
+    oom_killed: bool
+    apppot_version: str = __version__
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "outcome": str(self.outcome),
+            "error": self.error,
+            "command": list(self.command) if self.command is not None else None,
+            "cwd": self.cwd,
+            "user": self.user,
+            "uid": self.uid,
+            "gid": self.gid,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "wall_seconds": self.wall_seconds,
+            "cpu_user_seconds": self.cpu_user_seconds,
+            "cpu_system_seconds": self.cpu_system_seconds,
+            "max_rss_kib": self.max_rss_kib,
+            "oom_killed": self.oom_killed,
+            "apppot_version": self.apppot_version,
+        }
+
+
+def _iso(moment: datetime) -> str:
+    """UTC in ISO 8601 with a ``Z``: 2026-11-25T09:30:00.123456Z."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _display_argv(argv: Sequence[str]) -> list[str]:
+    # JSON needs valid Unicode: bytes that are not UTF-8 (surrogateescape) are shown escaped.
+    return [a.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for a in argv]
+
+
+def write_status(jobdir: Path, status: Status) -> Path:
+    """Write ``apppot.status.json`` and ``apppot.exitcode`` into ``jobdir`` atomically."""
+    data = status.to_json()
+    if status.command is not None:
+        data["command"] = _display_argv(status.command)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    _write_atomic(jobdir / STATUS_FILE, text.encode("utf-8", "surrogateescape"))
+    _write_atomic(jobdir / EXITCODE_FILE, f"{status.exit_code}\n".encode("ascii"))
+    try:
+        dirfd = os.open(jobdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as exc:  # hostfs may not support fsync on a directory
+        log.debug("cannot fsync %s: %s", jobdir, exc)
+    log.info("status: %s, exit code %d (%s)", status.outcome, status.exit_code, jobdir / STATUS_FILE)
+    return jobdir / STATUS_FILE
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise fs_error(exc, "write", path) from exc
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise fs_error(exc, "write", path) from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_status(jobdir: Path) -> dict[str, object]:
+    """The status record of a finished job (host side)."""
+    path = jobdir / STATUS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise fs_error(exc, "read", path) from exc
+    except ValueError as exc:
+        raise FsError(f"{path}: not a status record: {exc}") from exc
+    if not isinstance(data, dict) or set(FIELDS) - set(data):
+        raise FsError(f"{path}: not a status record (fields missing)")
+    return data
+
+
+def read_exitcode(jobdir: Path) -> int:
+    """The bare exit code a finished job left in ``apppot.exitcode`` (host side)."""
+    path = jobdir / EXITCODE_FILE
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise fs_error(exc, "read", path) from exc
+    except UnicodeDecodeError as exc:
+        raise FsError(f"{path}: not an exit code (not ASCII)") from exc
+    if not text.isdigit() or int(text) > 255:
+        raise FsError(f"{path}: not an exit code: {text[:20]!r}")
+    return int(text)
+
+
+def status_of(
+    result: JobResult,
+    command: Sequence[str] | None,
+    cwd: str | os.PathLike[str] | None,
+    user: str | None,
+    uid: int | None,
+    gid: int | None,
+) -> Status:
+    """The record for a job's result and what was asked for."""
+    return Status(
+        exit_code=result.exit_code,
+        signal=result.signal,
+        outcome=str(result.outcome),
+        error=result.error,
+        command=tuple(command) if command is not None else None,
+        cwd=os.fsdecode(cwd) if cwd is not None else None,
+        user=user,
+        uid=uid,
+        gid=gid,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        wall_seconds=result.wall_seconds,
+        cpu_user_seconds=result.cpu_user_seconds,
+        cpu_system_seconds=result.cpu_system_seconds,
+        max_rss_kib=result.max_rss_kib,
+        oom_killed=result.oom_killed,
+    )

@@ -1,0 +1,63 @@
+"""A temporary unprivileged account on the test machine (the tests run as root), removed afterwards."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apppot_guest.account import Account
+
+
+def free_id(start: int = 23000) -> int:
+    """A number that is neither a uid nor a gid on this machine."""
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    return next(n for n in range(start, 60000) if n not in used)
+
+
+@pytest.fixture(scope="session")
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory other users can traverse (pytest's own is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="apppot-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def job_user(shared_tmp: Path) -> Iterator[Account]:
+    """A real account (own group, home under a temporary directory) to run jobs as."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a temporary user")
+    ident = free_id()
+    name = f"apppot-t{ident}"
+    home = shared_tmp / name
+    subprocess.run(["groupadd", "--gid", str(ident), name], check=True)
+    subprocess.run(
+        ["useradd", "--uid", str(ident), "--gid", str(ident), "--home-dir", str(home), "--create-home",
+         "--shell", "/bin/sh", name],
+        check=True,
+    )
+    try:
+        yield Account(name, ident, name, ident, Path(home), "/bin/sh", ())
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(ident)], check=False)
+        subprocess.run(["userdel", name], check=False)
+        subprocess.run(["groupdel", name], check=False, stderr=subprocess.DEVNULL)  # userdel may have removed it
+
+
+@pytest.fixture
+def job_dir(job_user: Account, shared_tmp: Path) -> Path:
+    """An empty directory the job's user owns, reachable by that user."""
+    path = Path(tempfile.mkdtemp(prefix="job-", dir=shared_tmp))
+    os.chown(path, job_user.uid, job_user.gid)
+    return path
