@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import BinaryIO
 
 from . import __version__
 from .errors import DeltaError, FsError, ToolError, UsageError, fs_error
-from .manifest import Entry, Kind, Manifest, escape, format_entry
+from .manifest import Entry, Kind, Manifest, escape, format_entry, same_mtime
 from .tree import CHUNK, Excluder, Scan, data_extents, hash_zeros
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def compare(
         if old is None or old.kind is not Kind.FILE:
             if for_delta and not entry.link:
                 to_hash.append(path)
-        elif checksum or (entry.size == old.size and entry.mtime_ns != old.mtime_ns):
+        elif checksum or (entry.size == old.size and not same_mtime(old.mtime_ns, entry.mtime_ns)):
             to_hash.append(path)
         elif entry.size != old.size:
             if for_delta:
@@ -195,8 +196,8 @@ class TarWriter:
         if self.written % BLOCK:
             self._write(bytes(BLOCK - self.written % BLOCK))
 
-    def add(self, info: tarfile.TarInfo, data: bytes = b"") -> None:
-        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    def add(self, info: tarfile.TarInfo, data: bytes = b"", pax: dict[str, bytes] | None = None) -> None:
+        self._write(member_header(info, pax or {}))
         if data:
             self._write(data)
             self._pad()
@@ -210,21 +211,16 @@ class TarWriter:
             map_text = b"".join(b"%d\n%d\n" % pair for pair in sparse_map)
             map_text = b"%d\n" % len(sparse_map) + map_text
             map_text += bytes(-len(map_text) % BLOCK)
-            real_name = info.name
-            head, _, tail = real_name.rpartition("/")
-            info = replace_tarinfo(info, name=(head + "/" if head else "") + "GNUSparseFile.0/" + tail)
+            real_name = os.fsencode(info.name)
+            head, _, tail = real_name.rpartition(b"/")
+            info.name = os.fsdecode((head + b"/" if head else b"") + b"GNUSparseFile.0/" + tail)
             info.size = len(map_text) + sum(length for _, length in extents)
-            info.pax_headers = {
-                "GNU.sparse.major": "1",
-                "GNU.sparse.minor": "0",
-                "GNU.sparse.name": real_name,
-                "GNU.sparse.realsize": str(size),
-            }
-            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            pax = {"GNU.sparse.major": b"1", "GNU.sparse.minor": b"0", "GNU.sparse.name": real_name, "GNU.sparse.realsize": b"%d" % size}
+            self._write(member_header(info, pax))
             self._write(map_text)
         else:
             info.size = size
-            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            self._write(member_header(info, {}))
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         position = 0
@@ -252,11 +248,49 @@ class TarWriter:
         self.out.flush()
 
 
-def replace_tarinfo(info: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
-    copy = tarfile.TarInfo(name)
-    for attr in ("mode", "uid", "gid", "size", "mtime", "type", "linkname", "uname", "gname", "devmajor", "devminor"):
-        setattr(copy, attr, getattr(info, attr))
-    return copy
+def member_header(info: tarfile.TarInfo, pax: dict[str, bytes]) -> bytes:
+    """A ustar header, preceded by a pax extended header when a field does not fit ustar.
+
+    Names go into pax records as raw bytes, without the ``hdrcharset`` record
+    Python's tarfile adds for names that are not UTF-8 (GNU tar warns about it).
+    """
+    name, linkname = os.fsencode(info.name), os.fsencode(info.linkname)
+    records = dict(pax)
+    if "GNU.sparse.name" not in pax and (len(name) > 99 or not name.isascii()):
+        records["path"] = name
+    if len(linkname) > 99 or not linkname.isascii():
+        records["linkpath"] = linkname
+    for field, limit in (("size", 8**11), ("uid", 8**7), ("gid", 8**7)):
+        if getattr(info, field) >= limit:
+            records[field] = b"%d" % getattr(info, field)
+    ustar = tarfile.TarInfo(_ascii_stub(name, 99) + ("/" if info.isdir() and len(name) < 99 and name.isascii() else ""))
+    for attr in ("mode", "mtime", "type", "devmajor", "devminor"):
+        setattr(ustar, attr, getattr(info, attr))
+    ustar.size = info.size if "size" not in records else 0
+    ustar.uid = info.uid if "uid" not in records else 0
+    ustar.gid = info.gid if "gid" not in records else 0
+    ustar.linkname = _ascii_stub(linkname, 99)
+    ustar.uname = ustar.gname = ""
+    block = ustar.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+    if not records:
+        return block
+    body = b"".join(_pax_record(key.encode(), value) for key, value in records.items())
+    pax_info = tarfile.TarInfo("././@PaxHeader")
+    pax_info.type, pax_info.size = tarfile.XHDTYPE, len(body)
+    return pax_info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict") + body + bytes(-len(body) % BLOCK) + block
+
+
+def _ascii_stub(raw: bytes, limit: int) -> str:
+    """A ustar-safe stand-in for a name whose real bytes are in a pax record."""
+    return raw[-limit:].decode("ascii", "replace").replace("\ufffd", "_")
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    payload = b" " + key + b"=" + value + b"\n"
+    length = len(payload) + 1
+    while len(b"%d" % length) + len(payload) != length:
+        length = len(b"%d" % length) + len(payload)
+    return b"%d" % length + payload
 
 
 TAR_TYPES = {
@@ -339,7 +373,7 @@ def write_delta(
             writer = TarWriter(sink)
             header = header_bytes(base_id, diff.ops)
             info = tarfile.TarInfo(HEADER_NAME)
-            info.size, info.mode, info.mtime = len(header), 0o644, int(datetime.datetime.now().timestamp())
+            info.size, info.mode, info.mtime = len(header), 0o644, int(time.time())
             try:
                 writer.add(info, header)
                 write_members(writer, scan, diff.ops, progress)

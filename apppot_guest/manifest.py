@@ -92,19 +92,23 @@ class Entry:
             and self.link == other.link
         )
 
-    def same_metadata(self, other: Entry) -> bool:
-        return (
-            self.mode == other.mode
-            and self.uid == other.uid
-            and self.gid == other.gid
-            and self.mtime_ns == other.mtime_ns
-            and self.xattrs == other.xattrs
-        )
-
     def differences(self, other: Entry) -> list[str]:
-        """Names of the fields in which ``other`` differs from this entry."""
-        fields = ("kind", "size", "digest", "target", "rdev", "link", "mode", "uid", "gid", "mtime_ns", "xattrs")
-        return [f for f in fields if getattr(self, f) != getattr(other, f)]
+        """Names of the fields in which ``other`` (the current state) differs from this entry (the base)."""
+        fields = ("kind", "size", "digest", "target", "rdev", "link", "mode", "uid", "gid", "xattrs")
+        changed = [f for f in fields if getattr(self, f) != getattr(other, f)]
+        if not same_mtime(self.mtime_ns, other.mtime_ns):
+            changed.append("mtime_ns")
+        return changed
+
+
+def same_mtime(base_ns: int, current_ns: int) -> bool:
+    """Equal mtimes, also when a copy kept only whole seconds of the base's.
+
+    ``mkfs.ext4 -d`` (e2fsprogs 1.47) and some copy tools drop the
+    nanoseconds; a real modification sets them, so a whole-second mtime in the
+    base's second is the same mtime, not a change.
+    """
+    return current_ns == base_ns or (current_ns % 1_000_000_000 == 0 and current_ns == base_ns - base_ns % 1_000_000_000)
 
 
 _ESCAPE_PATH = re.compile(rb"[\x00-\x1f\x7f\\]")

@@ -269,8 +269,8 @@ class Merge:
         if base_id != self.header.base_id:
             if not self.force:
                 raise BaseMismatchError(
-                    f"{self.delta} was made against base {self.header.base_id or '(none)'}, "
-                    f"but {self.root_path} has base {base_id or '(none)'} (--force applies it anyway)"
+                    f"{self.delta} was made against another base ({self.header.base_id or 'none'}) "
+                    f"than {self.root_path} has ({base_id or 'none'}); --force applies it anyway"
                 )
             log.warning("applying %s made against another base, as --force asks", self.delta)
 

@@ -1,0 +1,141 @@
+"""The apppot .deb and real debootstrapped Debian 12 trees, made once per session.
+
+``apppot_deb`` is built from this checkout by scripts/build-deb (stdeb);
+``apppot_deb_next`` from a temporary copy with the version's last number bumped.
+``prepared_tree`` is minbase + systemd-sysv + apppot's dependencies from Debian
+(no apppot), ``installed_tree`` the same with the .deb installed by
+``scripts/mkrootfs --debs`` (the image builder's path).  Both come from
+mkrootfs's cache under ~/.cache/apppot after the first run.  Tests that change
+a tree work on ``tree_copy(...)`` (``cp -a``), removed after the test.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+SCRIPTS = CHECKOUT / "scripts"
+PYTHON = "/usr/bin/python3"
+# minbase has no init system; the image builder adds systemd-sysv the same way.
+IMAGE_PACKAGES = ("systemd-sysv",)
+# What scripts/build-deb reads from a source tree.
+SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "debian")
+
+
+def _load_script(name: str) -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), os.fspath(SCRIPTS / name))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+mkrootfs = _load_script("mkrootfs")
+
+
+def run_script(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """Run one of our scripts with Debian's python; fail the test with its stderr if it fails."""
+    args = [PYTHON, *map(os.fspath, argv)]
+    result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+    return result
+
+
+def in_tree(root: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside ``root`` (chroot, clean environment); text output captured."""
+    result = mkrootfs.chroot_run(root, list(argv), check=False, capture=True)
+    out = subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(errors="replace"),
+                                      result.stderr.decode(errors="replace"))
+    if check:
+        assert out.returncode == 0, f"{' '.join(argv)} in {root} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    return out
+
+
+def bump_version(version: str) -> str:
+    """1.0.0 -> 1.0.1: the next version, newer to dpkg as well."""
+    match = re.fullmatch(r"(.*?)(\d+)", version)
+    assert match, f"cannot bump version {version!r}"
+    return f"{match.group(1)}{int(match.group(2)) + 1}"
+
+
+def source_version(source: Path = CHECKOUT) -> str:
+    text = (source / "apppot_guest/__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
+    assert match
+    return match.group(1)
+
+
+def build_deb(source: Path, out: Path) -> Path:
+    deb = Path(run_script(SCRIPTS / "build-deb", "--source", source, "--out", out).stdout.strip())
+    assert deb.is_file(), deb
+    return deb
+
+
+@pytest.fixture(scope="session")
+def apppot_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_deb(CHECKOUT, tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="session")
+def apppot_deb_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same package at the next version, built from a copy with ``__version__`` bumped."""
+    source = tmp_path_factory.mktemp("source-next")
+    for item in SOURCE_ITEMS:
+        src = CHECKOUT / item
+        if src.is_dir():
+            shutil.copytree(src, source / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, source / item)
+    init = source / "apppot_guest/__init__.py"
+    old = source_version(source)
+    init.write_text(init.read_text().replace(f'__version__ = "{old}"', f'__version__ = "{bump_version(old)}"'))
+    return build_deb(source, tmp_path_factory.mktemp("deb-next"))
+
+
+def _make_tree(path: Path, *mkrootfs_args: str | os.PathLike[str]) -> Path:
+    run_script(SCRIPTS / "mkrootfs", path, *mkrootfs_args)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_tree(tmp_path_factory: pytest.TempPathFactory, apppot_deb: Path) -> Iterator[Path]:
+    """Debian 12 minbase + systemd-sysv + every dependency of apppot, apppot not installed."""
+    deps = sorted(mkrootfs.deb_dependencies([apppot_deb]))
+    root = _make_tree(tmp_path_factory.mktemp("prepared") / "root", "--packages", *IMAGE_PACKAGES, *deps)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def installed_tree(tmp_path_factory: pytest.TempPathFactory, apppot_deb: Path) -> Iterator[Path]:
+    """Debian 12 with the apppot .deb installed by apt (``mkrootfs --debs``); treat as read-only."""
+    root = _make_tree(tmp_path_factory.mktemp("installed") / "root", "--packages", *IMAGE_PACKAGES, "--debs", apppot_deb)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tree_copy(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """``tree_copy(tree)``: a private ``cp -a`` copy of a session tree, deleted after the test."""
+    made: list[Path] = []
+
+    def copy(tree: Path) -> Path:
+        target = tmp_path / f"tree{len(made)}"
+        subprocess.run(["cp", "-a", os.fspath(tree), os.fspath(target)], check=True, stdin=subprocess.DEVNULL)
+        made.append(target)
+        return target
+
+    yield copy
+    for target in made:
+        shutil.rmtree(target, ignore_errors=True)
