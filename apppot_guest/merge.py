@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from .delta import HEADER_MAGIC, HEADER_NAME, Op, open_archive
 from .errors import BaseMismatchError, DeltaError, FsError, NoBaseError, UnsafePathError, display_path, fs_error
-from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, parse_entry, unescape
+from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly, parse_entry, unescape
 from .tree import CHUNK, Excluder, hash_zeros
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class Merge:
         self.staged: dict[bytes, bytes] = {}  # path -> staged file name
         self.staging: Path | None = None
         self.staging_fd = -1
+        self.staging_parent_mtime = 0
         self.header: DeltaHeader | None = None
 
     # -- phase 1: read, check and stage --------------------------------------------------
@@ -348,7 +349,8 @@ class Merge:
     def make_staging(self) -> None:
         staging_parent = self.root_path / BASE_DIR
         try:
-            staging_parent.mkdir(parents=True, exist_ok=True)
+            make_dirs_quietly(staging_parent)
+            self.staging_parent_mtime = os.stat(staging_parent).st_mtime_ns
             self.staging = staging_parent / f"merge.{os.getpid()}"
             self.staging.mkdir(mode=0o700)
             self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY)
@@ -400,6 +402,7 @@ class Merge:
                 for leftover in self.staging.iterdir():
                     leftover.unlink()
                 self.staging.rmdir()
+                os.utime(self.staging.parent, ns=(self.staging_parent_mtime, self.staging_parent_mtime))
             except OSError as exc:
                 log.warning("cannot remove the staging directory %s: %s", self.staging, exc.strerror)
 
