@@ -245,6 +245,7 @@ def hash_fd(fd: int, sparse: bool = False) -> str:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     if not sparse:
+        os.lseek(fd, 0, os.SEEK_SET)
         while n := os.readv(fd, [buf]):
             h.update(view[:n])
         return h.hexdigest()

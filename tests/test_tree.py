@@ -1,0 +1,100 @@
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from apppot_guest.errors import ConfigError
+from apppot_guest.tree import DEFAULT_EXCLUDE, Excluder, Scan, hash_fd, read_patterns
+
+
+@pytest.mark.parametrize(
+    ("path", "excluded"),
+    [
+        (b"proc", True),
+        (b"proc/1/status", True),
+        (b"processes", False),
+        (b"home/user/job", True),
+        (b"home/alice/job/out.dat", True),
+        (b"home/user/jobs", False),
+        (b"home/user/src/job", False),
+        (b"var/cache/apt/archives/x.deb", True),
+        (b"var/cache/man", False),
+        (b"var/lib/apppot/base.manifest", True),
+        (b"var/lib/apt", False),
+        (b"lost+found", True),
+        (b"tmp", True),
+        (b"etc/tmp", False),
+    ],
+)
+def test_default_exclusions(path: bytes, excluded: bool) -> None:
+    exclude = Excluder(read_patterns(DEFAULT_EXCLUDE))
+    assert exclude(path) is excluded
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "excluded"),
+    [
+        (b"/opt/a?c", b"opt/abc/x", True),
+        (b"/opt/a?c", b"opt/ac", False),
+        (b"/opt/[ab]*", b"opt/bee", True),
+        (b"/opt/[!ab]*", b"opt/bee", False),
+        (b"/opt/*.log", b"opt/x.log", True),
+        (b"/opt/*.log", b"opt/sub/x.log", False),
+        (b"/weird (1)+", b"weird (1)+/f", True),
+        (b"/\xff", b"\xff/f", True),
+    ],
+)
+def test_glob_patterns_match_within_one_component(pattern: bytes, path: bytes, excluded: bool) -> None:
+    assert Excluder([pattern])(path) is excluded
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("relative/path\n", "not an absolute path"),
+        ("/\n", "would exclude everything"),
+        ("/ok\n/a/../b\n", "would exclude everything"),
+    ],
+)
+def test_bad_exclude_lists_name_the_line(tmp_path: Path, text: str, problem: str) -> None:
+    source = tmp_path / "list"
+    source.write_text(text)
+    with pytest.raises(ConfigError, match=problem) as info:
+        read_patterns(source)
+    assert str(source) in str(info.value)
+
+
+def test_the_image_exclude_list_replaces_the_default(rootfs: Path) -> None:
+    (rootfs / "etc/apppot").mkdir()
+    (rootfs / "etc/apppot/exclude").write_text("/opt\n")
+    exclude = Excluder.load(rootfs)
+    assert exclude(b"opt/tree") and not exclude(b"proc")
+
+
+def test_scan_does_not_cross_into_other_mounts(rootfs: Path) -> None:
+    mnt = rootfs / "srv"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
+    try:
+        (mnt / "remote-data").write_text("x")
+        entries = Scan(rootfs, Excluder([])).entries
+        assert b"srv/remote-data" not in entries and b"srv" not in entries
+        assert b"etc/hostname" in entries
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_sparse_hash_equals_the_plain_hash(tmp_path: Path) -> None:
+    f = tmp_path / "sparse"
+    with open(f, "wb") as out:
+        out.write(b"head")
+        out.seek(3 << 20)
+        out.write(b"middle")
+        out.truncate(7 << 20)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert hash_fd(fd, sparse=True) == hash_fd(fd, sparse=False) == hashlib.sha256(f.read_bytes()).hexdigest()
+    finally:
+        os.close(fd)
