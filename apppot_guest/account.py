@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"  # Debian's login.defs ENV_PATH
 DEFAULTS_FILE = "etc/default/apppot"
 SUDOERS_FILE = "etc/sudoers.d/apppot"
-DEFAULT_ACCOUNT = {"APPPOT_USER": "user", "APPPOT_UID": "1000", "APPPOT_GROUP": "users", "APPPOT_GID": "1000"}
+DEFAULT_ACCOUNT = {"APPPOT_USER": "user", "APPPOT_UID": "1000", "APPPOT_GROUP": "user", "APPPOT_GID": "1000"}  # as the package
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +186,7 @@ def _ensure_sudo(root: Path, name: str) -> None:
             return
     except OSError:
         pass
-    if not (root / "usr/sbin/visudo").exists() and not (root / "usr/bin/sudo").exists():
+    if not (root / "etc/sudoers").exists():
         log.warning("sudo is not installed in the image; %s gets no sudo rights", name)
         return
     try:
