@@ -310,3 +310,67 @@ def test_as_pid_1_in_a_pid_namespace(scratch: tuple[Path, Path, int]) -> None:
     assert out.returncode in (-2, 128 + 2), out.stderr  # SIGINT from reboot(RB_POWER_OFF) in the namespace
     assert "apppot_guest.init" in (jobdir / "pid1.txt").read_text()
     assert mounted_under(root) == []  # the mounts lived and died with the namespace
+
+
+# -- the systemd unit and the LSB init script -----------------------------------
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (REPO / "debian/apppot.service").read_text()
+    assert "\nExecStart=/usr/sbin/apppot-init\n" in unit
+    assert "\nTTYPath=/dev/console\n" in unit and "\nStandardInput=tty\n" in unit
+    assert "\nDefaultDependencies=no\n" in unit and "getty@tty0.service" in unit
+    # systemd-analyze checks every directive; only the not-yet-installed binary is swapped.
+    (tmp_path / "apppot.service").write_text(unit.replace("/usr/sbin/apppot-init", "/bin/true"))
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "apppot.service")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def init_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(REPO / "debian/apppot.init"), *args], capture_output=True, text=True, env=env or ENV, check=False)
+
+
+def test_the_init_script_header_and_verbs() -> None:
+    text = (REPO / "debian/apppot.init").read_text()
+    header = text.split("### BEGIN INIT INFO\n", 1)[1].split("### END INIT INFO", 1)[0]
+    fields = dict(line[2:].split(":", 1) for line in header.splitlines() if line.startswith("# ") and ":" in line[:20])
+    assert fields["Provides"].strip() == "apppot" and fields["Default-Start"].split() == ["2", "3", "4", "5"]
+    assert "$local_fs" in fields["Required-Start"] and fields["X-Interactive"].strip() == "true"
+    assert os.access(REPO / "debian/apppot.init", os.X_OK)
+    subprocess.run(["sh", "-n", str(REPO / "debian/apppot.init")], check=True)
+    assert init_script("status").returncode == 3
+    assert init_script("stop").returncode == 0
+    bad = init_script("frobnicate")
+    assert bad.returncode == 3 and "Usage: /etc/init.d/apppot" in bad.stderr
+
+
+def test_the_init_script_does_nothing_while_dpkg_runs() -> None:
+    out = init_script("start", env={**ENV, "DPKG_MAINTSCRIPT_NAME": "postinst"})
+    assert out.returncode == 0 and "not running a job while dpkg runs (postinst)" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_the_init_script_runs_apppot_init(scratch: tuple[Path, Path, int]) -> None:
+    """'start' on a sysvinit system runs the hook: in a private mount namespace, /usr/sbin/apppot-init
+    is the checkout's apppot-init with the scratch-root options (an overlay), /run/systemd is hidden."""
+    root, jobdir, ident = scratch
+    cmdline = root.parent / "cmdline"
+    cmdline.write_text(" ".join(BootConfig(argv=("sh", "-c", "echo ran > ran; exit 6"), jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args()))
+    hook = root.parent / "apppot-init"
+    hook.write_text(f'#!/bin/sh\nexec {PY} -m apppot_guest.init --root "{root}" --bind --no-poweroff --cmdline "{cmdline}"\n')
+    hook.chmod(0o755)
+    upper, work = root.parent / "upper", root.parent / "work"
+    upper.mkdir()
+    work.mkdir()
+    setup = (
+        f"set -e; mount -t overlay overlay -o lowerdir=/usr/sbin,upperdir={upper},workdir={work} /usr/sbin; "
+        "cp \"$1\" /usr/sbin/apppot-init; "
+        "if [ -d /run/systemd ]; then mount -t tmpfs none /run/systemd; fi; "
+        f"cd {REPO}; exec sh {REPO}/debian/apppot.init start"
+    )
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", str(hook)],
+                         capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    assert out.returncode == 6, out.stderr
+    assert (jobdir / "ran").read_text() == "ran\n"
+    assert read_status(jobdir)["exit_code"] == 6
