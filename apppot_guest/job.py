@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,6 +331,16 @@ def _exec_failed(exc: OSError, spec: JobSpec, started: datetime, t0: float) -> J
     return _never_ran(Outcome.NOT_EXECUTABLE, f"{what}: cannot execute: {reason}", started, t0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Descriptor:
+    """A stand-in stream for DaemonContext: just a file descriptor number."""
+
+    fd: int
+
+    def fileno(self) -> int:
+        return self.fd
+
+
 def console_session(argv: Sequence[str], account: Account, env: Mapping[str, str], console: Path) -> int:
     """Run ``argv`` (``screen``) as ``account`` on ``console`` as its controlling terminal.
 
@@ -348,6 +359,10 @@ def console_session(argv: Sequence[str], account: Account, env: Mapping[str, str
 
         fcntl.ioctl(0, termios.TIOCSCTTY, 1)  # the console becomes our controlling terminal
         os.setgroups(list(account.groups))
+        # DaemonContext binds sys.stdin/out/err to its stdin/stdout/stderr (None would mean
+        # /dev/null): point both at descriptors 0-2, which Popen has made the console.
+        streams = [_Descriptor(n) for n in (0, 1, 2)]
+        sys.stdin, sys.stdout, sys.stderr = streams  # type: ignore[assignment]  # in the child only
         daemon.DaemonContext(
             detach_process=False,
             uid=account.uid,
@@ -357,7 +372,9 @@ def console_session(argv: Sequence[str], account: Account, env: Mapping[str, str
             umask=0o022,
             prevent_core=False,
             signal_map={},
-            files_preserve=[0, 1, 2],  # the console; everything else is closed
+            stdin=streams[0],
+            stdout=streams[1],
+            stderr=streams[2],  # the console; every other descriptor is closed
         ).open()
 
     try:

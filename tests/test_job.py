@@ -147,3 +147,61 @@ def test_the_test_process_is_left_as_it_was(job_user: Account, job_dir: Path) ->
     run(job_user, job_dir, "true")
     assert _prctl(PR_GET_CHILD_SUBREAPER) == before
     assert psutil.Process().children() == [] or sys.platform != "linux"
+
+
+def _drive_terminal(master: int, command: bytes, until: bytes, deadline: float, running: object) -> bytes:
+    """Read the terminal until ``until`` shows, type ``command``, then read until the session ends."""
+    import select
+    import time
+
+    seen = b""
+    typed = False
+    while time.monotonic() < deadline and running():  # type: ignore[operator]
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if not ready:
+            continue
+        seen += os.read(master, 65536)
+        if not typed and until in seen:
+            os.write(master, command)
+            typed = True
+    return seen
+
+
+@pytest.mark.parametrize("use_screen", [True, False])
+def test_console_session_is_the_users_shell_on_the_terminal(job_user: Account, job_dir: Path, use_screen: bool) -> None:
+    import shutil
+    import threading
+    import time
+
+    from apppot_guest.job import console_session
+
+    if use_screen and shutil.which("screen") is None:
+        pytest.skip("screen is not installed")
+    master, slave = os.openpty()  # the slave stays open here too: a read never meets EIO
+    console = Path(os.ttyname(slave))
+    env = login_env(job_user, "xterm")
+    screendir = job_user.home / ".screen"
+    screendir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(screendir, job_user.uid, job_user.gid)
+    env["SCREENDIR"] = str(screendir)  # at boot /run/screen (1777) is made by apppot-init or tmpfiles
+    env["PS1"] = "apppot-prompt$ "
+    argv = ["screen", "-q", "-S", "apppot-test", "/bin/sh", "-i"] if use_screen else ["/bin/sh", "-i"]
+    command = f"id -u > {job_dir}/who; tty >> {job_dir}/who; ls /proc/self/fd >> {job_dir}/who; exit\r".encode()
+    result: dict[str, int] = {}
+    runner = threading.Thread(target=lambda: result.update(code=console_session(argv, job_user, env, console)))
+    runner.start()
+    try:
+        seen = _drive_terminal(master, command, b"apppot-prompt$ ", time.monotonic() + 60, runner.is_alive)
+    finally:
+        runner.join(timeout=60)
+        os.close(master)
+        os.close(slave)
+    assert b"apppot-prompt$ " in seen
+    assert result.get("code") == 0
+    who = (job_dir / "who").read_text().splitlines()
+    assert who[0] == str(job_user.uid)
+    if not use_screen:
+        assert who[1] == str(console)  # the shell's controlling terminal is the console itself
+        assert sorted(who[2:]) == ["0", "1", "2", "3"]  # stdin/out/err and ls's own directory fd: nothing leaked
+    else:
+        assert who[1].startswith("/dev/pts/")
