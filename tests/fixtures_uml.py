@@ -1,0 +1,147 @@
+"""An AppPot image built by scripts/build-image, and a non-root user who boots it in UML.
+
+``apppot_image`` is built once per session from the ``apppot_deb`` of this
+checkout and cached under ~/.cache/apppot/images, keyed by the package's
+contents (not its build timestamps) and by build-image itself, so a change to
+either rebuilds it and an unchanged checkout reuses it.  Tests see it as a
+root-owned, read-only file in a directory the test user can reach, as a
+shared base image is on a cluster.  ``uml_user`` is a temporary account;
+``start_job`` runs scripts/apppot-start as that account.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pwd
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+SCRIPTS = CHECKOUT / "scripts"
+LAUNCHER = SCRIPTS / "apppot-start"
+PYTHON = "/usr/bin/python3"
+IMAGE_SIZE = "3G"  # sparse: the tree is about 0.8 GB, the rest is room for a user's installs
+JOB_TIMEOUT = 300  # seconds: no single boot in these tests comes near it
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("APPPOT_CACHE") or Path.home() / ".cache" / "apppot")
+
+
+def deb_content_key(deb: Path) -> str:
+    """A hash of what the package installs and declares, not of when it was built."""
+    digest = hashlib.sha256()
+    control = subprocess.run(["dpkg-deb", "--field", os.fspath(deb)], capture_output=True, check=True).stdout
+    digest.update(control)
+    payload = subprocess.run(["dpkg-deb", "--fsys-tarfile", os.fspath(deb)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            digest.update(f"{member.name}\0{member.mode:o}\0{member.type!r}\0{member.linkname}\0".encode())
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                digest.update(extracted.read())
+    for script in ("build-image", "mkrootfs"):
+        digest.update((SCRIPTS / script).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def apppot_image(apppot_deb: Path, uml_home: Path) -> Path:
+    """The image (read-only, root-owned) in a directory the test user can read."""
+    images = cache_dir() / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    cached = images / f"apppot-{deb_content_key(apppot_deb)}.img"
+    if not cached.is_file():
+        for old in images.glob("apppot-*.img"):
+            old.unlink()
+        result = subprocess.run(
+            [PYTHON, SCRIPTS / "build-image", "--deb", apppot_deb, "--size", IMAGE_SIZE, "--output", cached],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+        )
+        assert result.returncode == 0, f"build-image failed:\n{result.stderr[-4000:]}"
+    shared = uml_home.parent / "images"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    image = shared / "apppot.img"
+    if not image.exists():
+        try:
+            os.link(cached, image)
+        except OSError:
+            subprocess.run(["cp", "--sparse=always", os.fspath(cached), os.fspath(image)], check=True)
+    os.chown(image, 0, 0)
+    image.chmod(0o444)
+    return image
+
+
+@dataclass(frozen=True, slots=True)
+class UmlUser:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+@pytest.fixture(scope="session")
+def uml_home() -> Iterator[Path]:
+    """A temporary directory other users can traverse, for the test user's home and the image."""
+    path = Path(tempfile.mkdtemp(prefix="apppot-uml-"))
+    path.chmod(0o755)
+    try:
+        yield path / "home"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def uml_user(uml_home: Path) -> Iterator[UmlUser]:
+    """A real unprivileged account on the test machine that runs apppot-start."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a temporary user")
+    used = {p.pw_uid for p in pwd.getpwall()}
+    uid = next(n for n in range(24000, 60000) if n not in used)
+    name = f"apppot-u{uid}"
+    subprocess.run(["useradd", "--uid", str(uid), "--user-group", "--home-dir", os.fspath(uml_home),
+                    "--create-home", "--shell", "/bin/sh", name], check=True)
+    entry = pwd.getpwnam(name)
+    try:
+        yield UmlUser(name, entry.pw_uid, entry.pw_gid, uml_home)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(uid)], check=False)
+        subprocess.run(["userdel", name], check=False)
+        subprocess.run(["groupdel", name], check=False, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def uml_jobdir(uml_user: UmlUser) -> Iterator[Path]:
+    """A fresh job directory owned by the test user."""
+    path = Path(tempfile.mkdtemp(prefix="job-", dir=uml_user.home))
+    os.chown(path, uml_user.uid, uml_user.gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_user(user: UmlUser, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """``argv`` run as ``user`` with a clean login-like environment."""
+    return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--reset-env",
+            *map(os.fspath, argv)]
+
+
+@pytest.fixture
+def start_job(uml_user: UmlUser, apppot_image: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``start_job(jobdir, *prog, options=[...])``: run apppot-start as the test user, wait, return the result."""
+
+    def start(jobdir: Path, *prog: str, options: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+        argv = as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", jobdir, *options, "--", *prog])
+        return subprocess.run(argv, cwd=jobdir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=JOB_TIMEOUT, check=False)
+
+    return start
