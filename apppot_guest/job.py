@@ -304,6 +304,8 @@ def _run(spec: JobSpec, started: datetime, t0: float, oom_before: int) -> JobRes
         "cpu_user_seconds": round(tree.user, 3),
         "cpu_system_seconds": round(tree.system, 3),
         "max_rss_kib": tree.max_rss_kib,
+        # The kernel's count of OOM kills rose while the job ran (in the VM only the job runs):
+        # also true when the job survived the loss of one of its processes.
         "oom_killed": _oom_kills() > oom_before,
     }
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
@@ -312,7 +314,7 @@ def _run(spec: JobSpec, started: datetime, t0: float, oom_before: int) -> JobRes
     if signum is not None:
         name = signal.Signals(signum).name if signum in signal.Signals.__members__.values() else str(signum)
         return JobResult(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({name})", **common)
-    return JobResult(Outcome.EXITED, os.WEXITSTATUS(status), None, None, **{**common, "oom_killed": False})
+    return JobResult(Outcome.EXITED, os.WEXITSTATUS(status), None, None, **common)
 
 
 def _never_ran(outcome: Outcome, error: str, started: datetime, t0: float) -> JobResult:

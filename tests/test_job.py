@@ -205,3 +205,62 @@ def test_console_session_is_the_users_shell_on_the_terminal(job_user: Account, j
         assert sorted(who[2:]) == ["0", "1", "2", "3"]  # stdin/out/err and ls's own directory fd: nothing leaked
     else:
         assert who[1].startswith("/dev/pts/")
+
+
+def _memory_cgroup(limit: int) -> Path | None:
+    """A new memory cgroup limited to ``limit`` bytes without swap (v2 or v1), or None."""
+    import uuid
+
+    base = Path("/sys/fs/cgroup")
+    name = f"apppot-oom-{uuid.uuid4().hex[:8]}"
+    try:
+        if (base / "cgroup.controllers").exists():  # cgroup v2: a child of the root cgroup
+            if "memory" not in (base / "cgroup.subtree_control").read_text().split():
+                return None
+            cg = base / name
+            cg.mkdir()
+            (cg / "memory.max").write_text(str(limit))
+            if (cg / "memory.swap.max").exists():
+                (cg / "memory.swap.max").write_text("0")
+            return cg
+        # cgroup v1: a child of our own memory cgroup
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.split(":")[1] == "memory")
+        cg = base / "memory" / own.lstrip("/") / name
+        cg.mkdir()
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        if (cg / "memory.memsw.limit_in_bytes").exists():
+            (cg / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        return cg
+    except (OSError, StopIteration, IndexError):
+        return None
+
+
+def test_an_oom_killed_job_says_so(job_user: Account, job_dir: Path) -> None:
+    """The job is moved into a 64 MiB memory cgroup, then allocates 1 GiB: the kernel's OOM killer ends it."""
+    import threading
+    import time
+
+    cg = _memory_cgroup(64 << 20)
+    if cg is None:
+        pytest.skip("no writable memory cgroup on this machine")
+    script = f"echo $$ > pid.tmp; mv pid.tmp pid; until [ -e go ]; do sleep 0.05; done; exec {PY} -c 'b = bytearray(1 << 30)'"
+    outcome: dict[str, tuple[JobResult, str]] = {}
+    runner = threading.Thread(target=lambda: outcome.update(r=run(job_user, job_dir, "sh", "-c", script, timeout=120)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (job_dir / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # waiting for the job to say where it is
+        (cg / "cgroup.procs").write_text((job_dir / "pid").read_text())
+        (job_dir / "go").touch()
+        runner.join(timeout=120)
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    result, _ = outcome["r"]
+    assert (result.outcome, result.exit_code, result.signal) == (Outcome.KILLED, 137, signal.SIGKILL)
+    assert result.oom_killed
