@@ -374,3 +374,43 @@ def test_the_init_script_runs_apppot_init(scratch: tuple[Path, Path, int]) -> No
     assert out.returncode == 6, out.stderr
     assert (jobdir / "ran").read_text() == "ran\n"
     assert read_status(jobdir)["exit_code"] == 6
+
+
+# -- the account (useradd/groupadd/usermod --root on a scratch root) -------------
+
+
+def test_account_group_name_taken_by_another_gid(scratch: tuple[Path, Path, int]) -> None:
+    from apppot_guest.account import ensure_account
+
+    root, _jobdir, ident = scratch
+    account = ensure_account(root, NAME, ident, "users", ident)  # 'users' is gid 100
+    assert (account.group, account.gid) == (NAME, ident)
+    assert f"\n{NAME}:x:{ident}:" in "\n" + (root / "etc/group").read_text()
+    assert "\nusers:x:100:" in "\n" + (root / "etc/group").read_text()
+    passwd = (root / "etc/passwd").read_bytes()
+    assert ensure_account(root, NAME, ident, "users", ident) == account  # a second boot changes nothing
+    assert (root / "etc/passwd").read_bytes() == passwd
+
+
+def test_account_home_missing_is_made_from_skel(scratch: tuple[Path, Path, int]) -> None:
+    from apppot_guest.account import ensure_account
+
+    root, _jobdir, ident = scratch
+    with open(root / "etc/passwd", "a") as passwd:  # as a delta might carry it: the account, not the home
+        passwd.write(f"{NAME}:x:{ident}:{ident}::/home/{NAME}:/bin/sh\n")
+    with open(root / "etc/group", "a") as group:
+        group.write(f"{NAME}:x:{ident}:\n")
+    account = ensure_account(root, NAME, ident, NAME, ident)
+    assert account.home == root / "home" / NAME and account.shell == "/bin/sh"
+    assert (account.home / ".profile").exists()
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in [account.home, *account.home.iterdir()]} == {(ident, ident)}
+
+
+def test_bad_defaults_file_is_setup_failed(scratch: tuple[Path, Path, int]) -> None:
+    root, jobdir, _ident = scratch
+    (root / "etc/default/apppot").write_text("APPPOT_UID=lots\n")
+    out = boot(root, BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir)).kernel_args())
+    assert out.returncode == 125
+    status = read_status(jobdir)
+    assert status["outcome"] == "setup-failed" and "etc/default/apppot" in status["error"]
+    assert not (jobdir / "ran").exists()
