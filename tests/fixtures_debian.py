@@ -3,10 +3,10 @@
 ``apppot_deb`` is built from this checkout by scripts/build-deb (stdeb);
 ``apppot_deb_next`` from a temporary copy with the version's last number bumped.
 ``prepared_tree`` is minbase + systemd-sysv + apppot's dependencies from Debian
-(no apppot), ``installed_tree`` the same with the .deb installed by
-``scripts/mkrootfs --debs`` (the image builder's path).  Both come from
-mkrootfs's cache under ~/.cache/apppot after the first run.  Tests that change
-a tree work on ``tree_copy(...)`` (``cp -a``), removed after the test.
+(no apppot, a fresh one per test), ``installed_tree`` the same with the .deb
+installed by ``scripts/mkrootfs --debs`` (the image builder's path, once per
+session).  Both come from mkrootfs's cache under ~/.cache/apppot after the
+first run.  Tests that change the installed tree work on ``tree_copy(...)``.
 """
 
 from __future__ import annotations
@@ -110,11 +110,11 @@ def _make_tree(path: Path, *mkrootfs_args: str | os.PathLike[str]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def prepared_tree(tmp_path_factory: pytest.TempPathFactory, apppot_deb: Path) -> Iterator[Path]:
-    """Debian 12 minbase + systemd-sysv + every dependency of apppot, apppot not installed."""
+@pytest.fixture
+def prepared_tree(tmp_path: Path, apppot_deb: Path) -> Iterator[Path]:
+    """Debian 12 minbase + systemd-sysv + every dependency of apppot, apppot not installed (a fresh tree)."""
     deps = sorted(mkrootfs.deb_dependencies([apppot_deb]))
-    root = _make_tree(tmp_path_factory.mktemp("prepared") / "root", "--packages", *IMAGE_PACKAGES, *deps)
+    root = _make_tree(tmp_path / "prepared", "--packages", *IMAGE_PACKAGES, *deps)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -128,16 +128,37 @@ def installed_tree(tmp_path_factory: pytest.TempPathFactory, apppot_deb: Path) -
 
 
 @pytest.fixture
-def tree_copy(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
-    """``tree_copy(tree)``: a private ``cp -a`` copy of a session tree, deleted after the test."""
-    made: list[Path] = []
+def tree_copy(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``tree_copy(tree, real=False)``: a private copy of a session tree, gone after the test.
 
-    def copy(tree: Path) -> Path:
-        target = tmp_path / f"tree{len(made)}"
+    By default an overlayfs mount over the tree (copy-on-write: dpkg and apt
+    work on it as on any file system, and it costs nothing); ``real=True``, or
+    where overlayfs cannot be mounted, a ``cp -a`` copy, for tests whose
+    subject is the files' own metadata (apppot-snap's manifests).
+    """
+    overlays: list[Path] = []
+    copies: list[Path] = []
+
+    def copy(tree: Path, *, real: bool = False) -> Path:
+        n = len(overlays) + len(copies)
+        if not real:
+            upper, work, merged = (tmp_path / f"overlay{n}" / d for d in ("upper", "work", "merged"))
+            for d in (upper, work, merged):
+                d.mkdir(parents=True)
+            options = f"lowerdir={tree},upperdir={upper},workdir={work}"
+            mounted = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, os.fspath(merged)],
+                                     stdin=subprocess.DEVNULL, capture_output=True, check=False)
+            if mounted.returncode == 0:
+                overlays.append(merged)
+                return merged
+        target = tmp_path / f"tree{n}"
         subprocess.run(["cp", "-a", os.fspath(tree), os.fspath(target)], check=True, stdin=subprocess.DEVNULL)
-        made.append(target)
+        copies.append(target)
         return target
 
     yield copy
-    for target in made:
+    for merged in overlays:
+        subprocess.run(["umount", os.fspath(merged)], stdin=subprocess.DEVNULL, check=True)
+        shutil.rmtree(merged.parent, ignore_errors=True)
+    for target in copies:
         shutil.rmtree(target, ignore_errors=True)

@@ -211,7 +211,7 @@ def test_debian_kernels_are_pinned_out(installed_tree: Path) -> None:
 
 
 @pytest.mark.integration
-def test_reconfigure_is_idempotent_and_handles_inittab(installed_tree: Path, tree_copy: Callable[[Path], Path]) -> None:
+def test_reconfigure_is_idempotent_and_handles_inittab(installed_tree: Path, tree_copy: Callable[..., Path]) -> None:
     root = tree_copy(installed_tree)
     (root / "etc/inittab").write_text(INITTAB)
     watched = ["etc/passwd", "etc/group", "etc/shadow", "etc/sudoers.d/apppot", "var/lib/apppot/console-masked"]
@@ -230,8 +230,8 @@ def test_reconfigure_is_idempotent_and_handles_inittab(installed_tree: Path, tre
 
 
 @pytest.mark.integration
-def test_snap_base_changes_merge_in_the_tree(installed_tree: Path, tree_copy: Callable[[Path], Path]) -> None:
-    root = tree_copy(installed_tree)
+def test_snap_base_changes_merge_in_the_tree(installed_tree: Path, tree_copy: Callable[..., Path]) -> None:
+    root = tree_copy(installed_tree, real=True)
     with mkrootfs.chroot_session(root):
         in_tree(root, "apppot-snap", "base")
         assert (root / "var/lib/apppot/base.manifest").is_file()
@@ -262,10 +262,8 @@ def test_snap_base_changes_merge_in_the_tree(installed_tree: Path, tree_copy: Ca
 
 
 @pytest.mark.integration
-def test_upgrade_from_the_local_repository(
-    prepared_tree: Path, apppot_deb: Path, apppot_deb_next: Path, tree_copy: Callable[[Path], Path]
-) -> None:
-    root = tree_copy(prepared_tree)
+def test_upgrade_from_the_local_repository(prepared_tree: Path, apppot_deb: Path, apppot_deb_next: Path) -> None:
+    root = prepared_tree
     run_script(SCRIPTS / "apt-repo", root / REPO_IN_TREE.lstrip("/"), apppot_deb, apppot_deb_next)
     (root / "etc/apt/sources.list.d/apppot.list").write_text(f"deb [trusted=yes] file:{REPO_IN_TREE} ./\n")
     with mkrootfs.chroot_session(root):
@@ -292,7 +290,7 @@ def test_upgrade_from_the_local_repository(
 
 
 @pytest.mark.integration
-def test_remove_gives_the_console_back(installed_tree: Path, tree_copy: Callable[[Path], Path]) -> None:
+def test_remove_gives_the_console_back(installed_tree: Path, tree_copy: Callable[..., Path]) -> None:
     root = tree_copy(installed_tree)
     (root / "etc/inittab").write_text(INITTAB)
     with mkrootfs.chroot_session(root):
@@ -310,7 +308,7 @@ def test_remove_gives_the_console_back(installed_tree: Path, tree_copy: Callable
 
 
 @pytest.mark.integration
-def test_purge_leaves_no_apppot_files_and_keeps_the_home(installed_tree: Path, tree_copy: Callable[[Path], Path]) -> None:
+def test_purge_leaves_no_apppot_files_and_keeps_the_home(installed_tree: Path, tree_copy: Callable[..., Path]) -> None:
     root = tree_copy(installed_tree)
     with mkrootfs.chroot_session(root):
         in_tree(root, "apppot-snap", "base")
