@@ -321,3 +321,64 @@ def test_purge_leaves_no_apppot_files_and_keeps_the_home(installed_tree: Path, t
         assert not (root / "etc/systemd/system" / unit).is_symlink(), unit
     assert (root / "home/user/results.txt").read_text() == "results\n"
     assert in_tree(root, "getent", "passwd", "user").stdout.startswith("user:")
+
+
+# --- bad input to the packaging scripts: one line, the right exit code ------------------------
+
+
+def _script(name: str, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/usr/bin/python3", SCRIPTS / name, *map(os.fspath, args)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+
+
+def test_mkrootfs_refuses_a_non_empty_target(tmp_path: Path) -> None:
+    (tmp_path / "something").write_text("x")
+    result = _script("mkrootfs", tmp_path, "--packages", "hello")
+    assert result.returncode == 2
+    assert result.stderr == f"mkrootfs: error: {tmp_path} exists and is not an empty directory\n"
+    assert (tmp_path / "something").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--packages", "Bad_Name"], "not a Debian package name: 'Bad_Name'"),
+        (["--debs", "/nonexistent/apppot.deb"], "no such .deb: /nonexistent/apppot.deb"),
+    ],
+)
+def test_mkrootfs_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _script("mkrootfs", tmp_path / "root", *args)
+    assert (result.returncode, result.stderr) == (2, f"mkrootfs: error: {message}\n")
+    assert not (tmp_path / "root").exists()
+
+
+def test_build_deb_refuses_a_conffile_that_differs_from_the_default_list(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    subprocess.run(["cp", "-a", *[CHECKOUT / i for i in ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "debian")], source],
+                   check=True)
+    for unit in ("apppot.service", "apppot.init"):  # present or not in the checkout: not what is tested here
+        (source / "debian" / unit).touch()
+    (source / "etc/apppot/exclude").write_text("/proc\n")
+    result = _script("build-deb", "--source", source, "--out", tmp_path / "out")
+    assert result.returncode == 3
+    assert result.stderr.startswith(f"build-deb: error: {source}/etc/apppot/exclude differs from ")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_deb_names_a_missing_source(tmp_path: Path) -> None:
+    result = _script("build-deb", "--source", tmp_path / "nope")
+    assert (result.returncode, result.stderr) == (2, f"build-deb: error: source tree {tmp_path / 'nope'} is not a directory\n")
+
+
+def test_apt_repo_rejects_what_is_not_a_package(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.deb"
+    fake.write_text("not an archive\n")
+    result = _script("apt-repo", tmp_path / "repo", fake)
+    assert result.returncode == 9
+    assert result.stderr.startswith("apt-repo: error: dpkg-deb --info ") and "not a Debian format archive" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "repo" / "fake.deb").exists()
+    result = _script("apt-repo", tmp_path / "repo", tmp_path / "missing.deb")
+    assert (result.returncode, result.stderr) == (2, f"apt-repo: error: not a .deb file: {tmp_path / 'missing.deb'}\n")
