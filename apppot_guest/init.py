@@ -293,13 +293,18 @@ def cmd_boot(args: argparse.Namespace, pid1: bool) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    pid1 = os.getpid() == 1
+    if pid1:  # the kernel passes words it does not know (e.g. 'single') as arguments: never fail on them
+        args, extra = make_parser().parse_known_args(argv)
+    else:
+        args, extra = make_parser().parse_args(argv), []
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(message)s",
         stream=sys.stderr,
     )
-    pid1 = os.getpid() == 1
+    if extra:
+        log.warning("ignoring arguments %s", " ".join(extra))
     if args.print_config:
         try:
             return cmd_print_config(args)
@@ -320,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-    except Exception:  # as PID 1 nothing may escape: report, then power off
-        if not pid1 and args.debug:
+    except Exception as exc:  # a bug: report it and still power off, so the VM cannot hang
+        if args.debug or pid1:
+            traceback.print_exc()
+        else:
+            print(f"{PROG}: error: internal error: {exc!r} (--debug shows where)", file=sys.stderr)
+    except BaseException:  # as PID 1 nothing may escape (KeyboardInterrupt, SystemExit)
+        if not pid1:
             raise
         traceback.print_exc()
     code = EXIT_SETUP_FAILED if code is None else code
