@@ -124,7 +124,7 @@ def ensure_account(root: Path, name: str, uid: int, group: str, gid: int) -> Acc
                 group_name = candidate
                 break
         if group_name != group:
-            log.warning("group %s exists with another gid; creating group %s with gid %d", group, group_name, gid)
+            log.info("group %s exists with another gid; creating group %s with gid %d", group, group_name, gid)
         run(["groupadd", *_root_args(root), "--gid", str(gid), group_name])
 
     users = _read_table(etc / "passwd")

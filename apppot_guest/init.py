@@ -27,7 +27,7 @@ from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_jobdir
 from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
 from .status import Status, status_of, write_status
-from .system import Mounter, dpkg_running, early_mounts, power_off, reap_orphans
+from .system import Mounter, dpkg_running, early_mounts, network_up, power_off, reap_orphans
 
 log = logging.getLogger("apppot-init")
 
@@ -267,7 +267,9 @@ def cmd_boot(args: argparse.Namespace, pid1: bool) -> int | None:
     layout = Layout(root=args.root, hostfs=not args.bind, console=args.console)
     if pid1:
         early_mounts(layout.root)
-        if layout.root != Path("/"):  # a PID namespace on a host (tests): follow its processes, not the host's
+        if layout.root == Path("/"):
+            network_up()
+        else:  # a PID namespace on a host (tests): follow its processes, not the host's
             import psutil
 
             psutil.PROCFS_PATH = os.fspath(layout.root / "proc")

@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -33,6 +34,9 @@ MS_BIND = 4096
 MNT_DETACH = 2
 RB_POWER_OFF = 0x4321FEDC
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# UML's slirp network (eth0=slirp,...): fixed addresses, DNS at 10.0.2.3 (the image's resolv.conf).
+SLIRP_ADDRESS = "10.0.2.15/24"
+SLIRP_GATEWAY = "10.0.2.2"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -139,6 +143,30 @@ def early_mounts(root: Path) -> None:
             socket.sethostname(hostname)
     except OSError:
         pass
+
+
+def network_up() -> None:
+    """As PID 1 in the VM: loopback up, and eth0 with slirp's addresses when UML has one.
+
+    The same as the image's apppot-network.service does under systemd.
+    """
+    ip = shutil.which("ip", path=SYSTEM_PATH)
+    if ip is None:
+        log.info("no ip command (iproute2): the network is not configured")
+        return
+    steps = [[ip, "link", "set", "lo", "up"]]
+    if Path("/sys/class/net/eth0").exists():
+        steps += [
+            [ip, "link", "set", "eth0", "up"],
+            [ip, "address", "add", SLIRP_ADDRESS, "dev", "eth0"],
+            [ip, "route", "add", "default", "via", SLIRP_GATEWAY, "dev", "eth0"],
+        ]
+    for argv in steps:
+        try:
+            run(argv)
+        except ToolError as exc:
+            log.warning("network: %s", exc)
+            return
 
 
 def dpkg_running(root: Path) -> str | None:

@@ -414,3 +414,24 @@ def test_bad_defaults_file_is_setup_failed(scratch: tuple[Path, Path, int]) -> N
     status = read_status(jobdir)
     assert status["outcome"] == "setup-failed" and "etc/default/apppot" in status["error"]
     assert not (jobdir / "ran").exists()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare(1) and ip(8)")
+def test_pid1_network_is_slirps(tmp_path: Path) -> None:
+    """In a fresh network namespace with an eth0 (a veth standing in for UML's slirp interface)."""
+    setup = (
+        "set -e; mount -t sysfs sysfs /sys; ip link add eth0 type veth peer name eth1; "
+        f"{PY} -c 'from apppot_guest.system import network_up; network_up()'; "
+        "ip -o link show lo; ip -o -4 address show eth0; ip route show default"
+    )
+    probe = subprocess.run(["unshare", "--net", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no veth interfaces here: {probe.stderr.strip()}")
+    out = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", setup],
+                         capture_output=True, text=True, env=ENV, cwd=REPO, check=False)
+    assert out.returncode == 0, out.stderr
+    lo, eth0, route = out.stdout.splitlines()
+    assert ",UP" in lo
+    assert "inet 10.0.2.15/24" in eth0
+    assert route.startswith("default via 10.0.2.2 dev eth0")
