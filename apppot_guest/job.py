@@ -289,14 +289,14 @@ def _run(spec: JobSpec, started: datetime, t0: float, oom_before: int) -> JobRes
             select.select([pidfd], [], [], wait)
     finally:
         os.close(pidfd)
-    proc.returncode = -1  # reaped by us with wait4; keep Popen from waiting again
-    leftovers = [p for p in tree.members()]
+    leftovers = tree.members()
     if leftovers:
         log.info("stopping %d process(es) the job left behind", len(leftovers))
         tree.stop(spec.grace)
     tree.reap_all()
     finished = datetime.now(timezone.utc)
     status = tree.job_status if tree.job_status is not None else 0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us with wait4: Popen must not wait
     common = {
         "started_at": started,
         "finished_at": finished,
@@ -312,9 +312,15 @@ def _run(spec: JobSpec, started: datetime, t0: float, oom_before: int) -> JobRes
     if timed_out:
         return JobResult(Outcome.TIMEOUT, EXIT_TIMEOUT, signum, f"timed out after {spec.timeout:g} seconds", **common)
     if signum is not None:
-        name = signal.Signals(signum).name if signum in signal.Signals.__members__.values() else str(signum)
-        return JobResult(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({name})", **common)
+        return JobResult(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({_signal_name(signum)})", **common)
     return JobResult(Outcome.EXITED, os.WEXITSTATUS(status), None, None, **common)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}" if signal.SIGRTMIN <= signum <= signal.SIGRTMAX else str(signum)
 
 
 def _never_ran(outcome: Outcome, error: str, started: datetime, t0: float) -> JobResult:
