@@ -126,7 +126,7 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             account = ensure_account(layout.root, account.name, account.uid, account.group, account.gid)
         user_job = account.home / "job"
         if have_jobdir:
-            mounter.bind(jobdir, user_job)
+            mounter.bind(jobdir, user_job, owner=(account.uid, account.gid))
         if config.tmpdir is not None:
             mounter.host_dir(config.tmpdir, layout.path("/tmp"))
         if config.cmdfile is not None:

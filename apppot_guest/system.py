@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FsError, ToolError, display_path
+from .errors import FsError, ToolError, display_path, fs_error
 from .proc import run
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Mounter:
     done: list[Path] = field(default_factory=list)
 
     def host_dir(self, path: str, target: Path, *, readonly: bool = False) -> None:
-        target.mkdir(parents=True, exist_ok=True)
+        _mountpoint(target)
         if self.hostfs:
             mount("none", target, "hostfs", MS_RDONLY if readonly else 0, path)
         else:
@@ -98,14 +98,28 @@ class Mounter:
                 mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         self.done.append(target)
 
-    def bind(self, source: Path, target: Path) -> None:
-        target.mkdir(parents=True, exist_ok=True)
+    def bind(self, source: Path, target: Path, owner: tuple[int, int] | None = None) -> None:
+        """Bind-mount ``source`` on ``target``, creating the mount point (owned by ``owner``)."""
+        if not target.exists() and owner is not None:
+            _mountpoint(target)
+            try:
+                os.chown(target, *owner)
+            except OSError as exc:
+                raise fs_error(exc, "change the owner of", target) from exc
+        _mountpoint(target)
         mount(os.fspath(source), target, None, MS_BIND)
         self.done.append(target)
 
     def undo(self) -> None:
         while self.done:
             umount(self.done.pop())
+
+
+def _mountpoint(target: Path) -> None:
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fs_error(exc, "create the mount point", target) from exc
 
 
 def early_mounts(root: Path) -> None:

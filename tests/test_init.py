@@ -141,6 +141,7 @@ def test_boot_runs_the_job_as_the_user_and_records_its_status(scratch: tuple[Pat
     assert sudoers.stat().st_mode & 0o777 == 0o440
     subprocess.run(["visudo", "-cqf", str(sudoers)], check=True)
     assert mounted_under(root) == [], "the boot sequence left mounts behind"
+    assert (home / "job").stat().st_uid == ident  # the empty mount point, when nothing is mounted
 
 
 def test_boot_with_another_uid_moves_the_account_and_reuses_a_group(scratch: tuple[Path, Path, int]) -> None:
