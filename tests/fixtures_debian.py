@@ -27,13 +27,15 @@ import pytest
 CHECKOUT = Path(__file__).resolve().parent.parent
 SCRIPTS = CHECKOUT / "scripts"
 PYTHON = "/usr/bin/python3"
-# minbase has no init system; the image builder adds systemd-sysv the same way.
-IMAGE_PACKAGES = ("systemd-sysv",)
+# What scripts/build-image asks mkrootfs for besides the .deb (its BASE_PACKAGES;
+# test_deb checks they agree): the same package set means the same cached tree,
+# so the image and these tests pay for one cold tree.  minbase has no init system.
+IMAGE_PACKAGES = ("systemd-sysv", "build-essential", "iproute2")
 # What scripts/build-deb reads from a source tree.
 SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "debian")
 
 
-def _load_script(name: str) -> ModuleType:
+def load_script(name: str) -> ModuleType:
     loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), os.fspath(SCRIPTS / name))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
@@ -43,7 +45,7 @@ def _load_script(name: str) -> ModuleType:
     return module
 
 
-mkrootfs = _load_script("mkrootfs")
+mkrootfs = load_script("mkrootfs")
 
 
 def run_script(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fixtures_debian import CHECKOUT, SCRIPTS, bump_version, in_tree, mkrootfs, run_script, source_version
+from fixtures_debian import (
+    CHECKOUT,
+    IMAGE_PACKAGES,
+    SCRIPTS,
+    bump_version,
+    in_tree,
+    load_script,
+    mkrootfs,
+    run_script,
+    source_version,
+)
 
 from apppot_guest.account import read_defaults
 
@@ -87,6 +97,10 @@ def test_defaults_conffile_names_the_account_postinst_creates() -> None:
     assert {k: values[k] for k in ("APPPOT_USER", "APPPOT_UID", "APPPOT_GROUP", "APPPOT_GID")} == {
         "APPPOT_USER": "user", "APPPOT_UID": "1000", "APPPOT_GROUP": "user", "APPPOT_GID": "1000",
     }
+
+
+def test_tests_use_the_image_builders_package_set() -> None:
+    assert tuple(load_script("build-image").BASE_PACKAGES) == IMAGE_PACKAGES
 
 
 # --- the .deb itself ------------------------------------------------------------------
