@@ -27,3 +27,26 @@ clean:
 .PHONY: deb
 deb: deps
 	$(PY) scripts/build-deb
+
+# The AppPot image and the host launcher (docs/host.md).  `make image` always
+# rebuilds; `demo` and `bench-boot` build it only when it is missing.
+IMAGE ?= out/apppot.img
+DEMO_DIR := out/demo
+.PHONY: image demo bench-boot
+image: deps
+	mkdir -p $(dir $(IMAGE))
+	deb=$$($(PY) scripts/build-deb) && $(PY) scripts/build-image --deb "$$deb" --output $(IMAGE)
+
+$(IMAGE):
+	$(MAKE) image IMAGE=$(IMAGE)
+
+demo: deps $(IMAGE)
+	@mkdir -p $(DEMO_DIR)
+	@printf '%s\n' '#include <stdio.h>' 'int main(void) { puts("hello from a program compiled inside AppPot"); return 3; }' > $(DEMO_DIR)/hello.c
+	@echo "demo: scripts/apppot-start --image $(IMAGE) --ephemeral --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'"
+	@scripts/apppot-start --image $(IMAGE) --ephemeral --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'; \
+	  echo "demo: apppot-start exited with $$? (the job's own exit code); $(DEMO_DIR)/apppot.status.json says:"
+	@cat $(DEMO_DIR)/apppot.status.json
+
+bench-boot: deps $(IMAGE)
+	$(PY) bench/bench_boot.py --image $(IMAGE) --write docs/benchmarks.md

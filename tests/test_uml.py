@@ -1,0 +1,194 @@
+"""End to end in real User-Mode Linux: an image from scripts/build-image, booted by
+scripts/apppot-start run as an unprivileged host user, with a real systemd boot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fixtures_uml import LAUNCHER, PYTHON, UmlUser, as_user
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., subprocess.CompletedProcess[str]]
+STATUS_FIELDS = {
+    "exit_code", "signal", "outcome", "error", "command", "cwd", "user", "uid", "gid", "started_at", "finished_at",
+    "wall_seconds", "cpu_user_seconds", "cpu_system_seconds", "max_rss_kib", "oom_killed", "apppot_version",
+}
+
+
+def status(jobdir: Path) -> dict[str, object]:
+    return json.loads((jobdir / "apppot.status.json").read_text())
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("prog", "options", "code", "outcome"),
+    [
+        (["sh", "-c", "echo job-output; exit 0"], [], 0, "exited"),
+        (["sh", "-c", "exit 7"], [], 7, "exited"),
+        (["sh", "-c", "kill -TERM $$"], [], 128 + signal.SIGTERM, "killed"),
+        (["no-such-command-anywhere"], [], 127, "not-found"),
+        (["sleep", "60"], ["--timeout", "2"], 124, "timeout"),
+    ],
+    ids=["0", "7", "signal", "not-found", "timeout"],
+)
+def test_exit_codes_reach_the_launcher(start_job: Start, uml_jobdir: Path, uml_user: UmlUser,
+                                       prog: list[str], options: list[str], code: int, outcome: str) -> None:
+    result = start_job(uml_jobdir, *prog, options=options)
+    assert result.returncode == code, result.stderr
+    record = status(uml_jobdir)
+    assert STATUS_FIELDS <= set(record), sorted(STATUS_FIELDS - set(record))
+    assert record["exit_code"] == code and record["outcome"] == outcome
+    assert record["command"] == prog
+    assert (record["uid"], record["gid"]) == (uml_user.uid, uml_user.gid)
+    assert (uml_jobdir / "apppot.exitcode").read_text().strip() == str(code)
+    if code == 0:
+        assert "job-output\n" in result.stdout
+
+
+def test_argv_cwd_ownership_and_a_real_systemd_boot(start_job: Start, uml_jobdir: Path, uml_user: UmlUser) -> None:
+    nasty = ["two words", "quote\"s", "it's", "$HOME `id`", "", "ünïcödé ☃", "back\\slash", ";|&", "*"]
+    (uml_jobdir / "sub").mkdir()
+    os.chown(uml_jobdir / "sub", uml_user.uid, uml_user.gid)
+    script = ('import json, os, sys; json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), '
+              '"pid1": open("/proc/1/comm").read().strip()}, open("seen.json", "w"))')
+    result = start_job(uml_jobdir, "python3", "-c", script, *nasty, options=["--cwd", "/home/user/job/sub"])
+    assert result.returncode == 0, result.stderr
+    seen_path = uml_jobdir / "sub" / "seen.json"
+    seen = json.loads(seen_path.read_text())
+    assert seen["argv"] == nasty
+    assert seen["cwd"] == "/home/user/job/sub"
+    assert seen["pid1"] == "systemd"
+    st = seen_path.stat()
+    assert (st.st_uid, st.st_gid) == (uml_user.uid, uml_user.gid)
+
+
+def test_user_story_change_snapshot_and_rerun_on_the_pristine_base(
+        start_job: Start, uml_jobdir: Path, uml_user: UmlUser, apppot_image: Path) -> None:
+    before = sha256(apppot_image)
+    (uml_jobdir / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("hello from the delta"); return 3; }\n')
+    build = ("set -e; gcc -o hello hello.c; sudo install -m 755 hello /usr/local/bin/hello; "
+             "echo installed-with-sudo | sudo tee /etc/apppot-story >/dev/null; "
+             "sudo apppot-snap changes ~/job/story.tar.zst")
+    result = start_job(uml_jobdir, "sh", "-c", build)
+    assert result.returncode == 0, result.stdout + result.stderr
+    delta = uml_jobdir / "story.tar.zst"
+    assert delta.stat().st_uid == uml_user.uid
+
+    # A fresh boot of the pristine base does not have the change ...
+    result = start_job(uml_jobdir, "sh", "-c", "test ! -e /etc/apppot-story && ! command -v hello")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ... one with --changes has it (the delta inside the job directory) ...
+    result = start_job(uml_jobdir, "sh", "-c", "cat /etc/apppot-story; exec hello", options=["--changes", delta])
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "installed-with-sudo\nhello from the delta\n" in result.stdout
+    # ... also from outside the job directory (a per-run copy, removed afterwards).
+    elsewhere = uml_user.home / "deltas"
+    elsewhere.mkdir(exist_ok=True)
+    outside = elsewhere / "story.tar.zst"
+    outside.write_bytes(delta.read_bytes())
+    other_job = uml_jobdir / "other"
+    other_job.mkdir()
+    for path in (elsewhere, outside, other_job):
+        os.chown(path, uml_user.uid, uml_user.gid)
+    result = start_job(other_job, "hello", options=["--changes", outside])
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert sorted(p.name for p in other_job.iterdir()) == ["apppot.exitcode", "apppot.status.json"]
+    assert sha256(apppot_image) == before, "the base image changed"
+
+
+def test_four_jobs_at_once_on_one_read_only_base(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+    assert not os.access(apppot_image, os.W_OK) or os.stat(apppot_image).st_uid != uml_user.uid
+    procs = []
+    for n in range(4):
+        jobdir = uml_jobdir / f"job{n}"
+        jobdir.mkdir()
+        os.chown(jobdir, uml_user.uid, uml_user.gid)
+        argv = as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", jobdir, "--",
+                                  "sh", "-c", f'echo "job {n}" > out.txt; sync; exit {10 + n}'])
+        procs.append((n, jobdir, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.PIPE, text=True)))
+    for n, jobdir, proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 10 + n, err
+        assert (jobdir / "out.txt").read_text() == f"job {n}\n"
+    leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("apppot-run-*") if p.owner() == uml_user.name]
+    assert leftovers == [], "per-run COW directories must be removed"
+
+
+def test_vm_ending_without_a_status_exits_125_with_the_console_tail(start_job: Start, uml_jobdir: Path) -> None:
+    result = start_job(uml_jobdir, "true", options=["--boot", "direct", "--extra", "init=/bin/false"])
+    assert result.returncode == 125
+    assert "Kernel panic" in result.stderr
+    assert "the VM ended without a job status" in result.stderr.splitlines()[-1]
+
+
+def test_hostfs_reaches_only_the_job_directory(start_job: Start, uml_jobdir: Path, uml_user: UmlUser) -> None:
+    (uml_jobdir / "inside").mkdir()
+    (uml_jobdir / "inside" / "marker").write_text("in the job dir\n")
+    (uml_user.home / "outside-marker").write_text("must not be seen\n")
+    probe = (
+        "sudo mkdir -p /mnt/plain /mnt/abs /mnt/sub; "
+        "sudo mount -t hostfs none /mnt/plain && ls -a /mnt/plain > plain.txt; "
+        f"sudo mount -t hostfs -o {shlex.quote(os.fspath(uml_user.home))} none /mnt/abs; echo $? > abs-rc.txt; "
+        "ls -a /mnt/abs > abs.txt; "
+        "sudo mount -t hostfs -o /inside none /mnt/sub && cat /mnt/sub/marker > sub.txt; "
+        "sudo mount -t hostfs -o /etc none /mnt/abs; echo $? > etc-rc.txt"
+    )
+    result = start_job(uml_jobdir, "sh", "-c", probe)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plain = (uml_jobdir / "plain.txt").read_text().split()
+    assert "inside" in plain and "outside-marker" not in plain
+    # An absolute host path is taken relative to the job directory: there is no such directory there.
+    assert (uml_jobdir / "abs-rc.txt").read_text().strip() != "0"
+    assert "outside-marker" not in (uml_jobdir / "abs.txt").read_text()
+    assert (uml_jobdir / "sub.txt").read_text() == "in the job dir\n"
+    assert (uml_jobdir / "etc-rc.txt").read_text().strip() != "0"
+
+
+def wait_for_pane(session: str, predicate: Callable[[str], bool], timeout: float) -> str:
+    """Poll tmux's pane until ``predicate(text)`` holds; the pane text."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t", session],
+                              capture_output=True, text=True, check=False).stdout
+        if predicate(text):
+            return text
+        time.sleep(0.25)
+    raise AssertionError(f"tmux pane never matched; it shows:\n{text}")
+
+
+def test_interactive_session_through_tmux(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+    session = f"apppot-test-{os.getpid()}"
+    launch = shlex.join(as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", uml_jobdir]))
+    shell = f"cd {shlex.quote(os.fspath(uml_jobdir))} && TERM=xterm {launch}; echo LAUNCHER-EXIT=$?; sleep 600"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", shell], check=True)
+    try:
+        wait_for_pane(session, lambda t: "user@apppot" in t and t.rstrip().endswith("$"), 180)
+        subprocess.run(["tmux", "send-keys", "-t", session, "id -un; sudo true && echo SUDO-$((6*7))", "Enter"], check=True)
+        text = wait_for_pane(session, lambda t: "SUDO-42" in t, 60)
+        assert "\nuser\n" in text.replace("\r", "")
+        subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
+        text = wait_for_pane(session, lambda t: "LAUNCHER-EXIT=" in t, 120)
+        assert "LAUNCHER-EXIT=0" in text
+        assert "login:" not in text.lower()
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False, stderr=subprocess.DEVNULL)

@@ -1,0 +1,147 @@
+"""scripts/apppot-start without booting: the UML command it would run (--dry-run) and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from apppot_guest.cmdline import parse_cmdline
+
+LAUNCHER = Path(__file__).resolve().parent.parent / "scripts" / "apppot-start"
+PYTHON = "/usr/bin/python3"
+NASTY_ARGV = ["printf", "%s\n", "two words", "quote\"s", "it's", "$HOME", "", "ünïcödé", "back\\slash", "new\nline"]
+
+
+def launcher(*args: str | os.PathLike[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **(env or {})}
+    return subprocess.run([PYTHON, LAUNCHER, *map(os.fspath, args)], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, check=False)
+
+
+def dry_run(*args: str | os.PathLike[str], **kw: object) -> list[str]:
+    result = launcher("--dry-run", *args, **kw)  # type: ignore[arg-type]
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    return argv
+
+
+def words(argv: list[str]) -> dict[str, str]:
+    return {w.partition("=")[0]: w.partition("=")[2] for w in argv[1:] if "=" in w}
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "base.img"
+    path.write_bytes(b"\0" * 4096)
+    return path
+
+
+def test_dry_run_read_only_image_gets_a_per_run_cow_and_the_argv_round_trips(tmp_path: Path, image: Path) -> None:
+    image.chmod(0o444)
+    jobdir = tmp_path / "job"
+    jobdir.mkdir()
+    # root can write any file: run as nobody-like check is done in the e2e tests; here force it.
+    argv = dry_run("--image", image, "--jobdir", jobdir, "--ephemeral", "--", *NASTY_ARGV)
+    w = words(argv)
+    assert argv[0].endswith("/linux")
+    cow, _, backing = w["ubd0"].partition(",")
+    assert backing == os.fspath(image.resolve()) and cow.endswith("/cow") and cow != backing
+    assert w["hostfs"] == os.fspath(jobdir.resolve())
+    assert w["root"] == "/dev/ubda" and w["con0"] == "fd:0,fd:1" and w["con"] == "null"
+    assert w["eth0"] == "slirp,,/usr/bin/slirp"
+    assert w["systemd.unit"] == "apppot-batch.target"
+    assert all(" " not in a for a in argv), "every word must survive UML joining them with spaces"
+    config = parse_cmdline(" ".join(argv[1:]))
+    assert config.argv == tuple(NASTY_ARGV)
+    assert config.jobdir == "/"
+    assert not Path(cow).parent.exists(), "the per-run directory is removed after a dry run"
+
+
+def test_dry_run_writable_image_is_used_in_place_and_cow_image_form(tmp_path: Path, image: Path) -> None:
+    assert words(dry_run("--image", image, "--jobdir", tmp_path, "true"))["ubd0"] == os.fspath(image.resolve())
+    cow = tmp_path / "mine.cow"
+    assert words(dry_run("--image", f"{cow}:{image}", "--jobdir", tmp_path, "true"))["ubd0"] == f"{cow},{image.resolve()}"
+
+
+def test_dry_run_options_and_environment_defaults(tmp_path: Path, image: Path) -> None:
+    env = {"APPPOT_IMAGE": os.fspath(image), "APPPOT_MEM": "768M", "APPPOT_KERNEL": "/usr/bin/linux"}
+    argv = dry_run("--jobdir", tmp_path, "--no-network", "--id", "job42", "--extra", "foo=bar", "--timeout", "30",
+                   "--cwd", "/tmp", "--boot", "direct", "--", "true", env=env)
+    w = words(argv)
+    assert argv[0] == "/usr/bin/linux"
+    assert w["mem"] == "768M" and w["umid"] == "job42" and w["foo"] == "bar" and w["init"] == "/usr/sbin/apppot-init"
+    assert "eth0" not in w and "systemd.unit" not in w
+    config = parse_cmdline(" ".join(argv[1:]))
+    assert config.timeout == 30 and config.cwd == "/tmp" and config.argv == ("true",)
+    # No PROG: an interactive session, booted fully by default.
+    w = words(dry_run("--jobdir", tmp_path, env=env))
+    assert "apppot.cmd" not in w and "systemd.unit" not in w
+
+
+def test_changes_inside_the_jobdir_pass_by_relative_path(tmp_path: Path, image: Path) -> None:
+    (tmp_path / "deltas").mkdir()
+    delta = tmp_path / "deltas" / "my.tar.zst"
+    delta.write_bytes(b"x")
+    argv = dry_run("--image", image, "--jobdir", tmp_path, "--changes", delta, "true")
+    assert parse_cmdline(" ".join(argv[1:])).changes == "/deltas/my.tar.zst"
+
+
+def test_changes_outside_the_jobdir_go_through_a_per_run_copy(tmp_path: Path, image: Path) -> None:
+    jobdir = tmp_path / "job"
+    jobdir.mkdir()
+    delta = tmp_path / "elsewhere.tar.zst"
+    delta.write_bytes(b"x")
+    argv = dry_run("--image", image, "--jobdir", jobdir, "--id", "r1", "--changes", delta, "true")
+    assert parse_cmdline(" ".join(argv[1:])).changes == "/.apppot-run-r1/elsewhere.tar.zst"
+    assert list(jobdir.iterdir()) == [], "a dry run copies nothing"
+
+
+def test_long_command_goes_to_a_command_file(tmp_path: Path, image: Path) -> None:
+    argv = dry_run("--image", image, "--jobdir", tmp_path, "--", "echo", "x" * 6000)
+    assert words(argv)["apppot.cmdfile"] == "apppot.argv"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "/nonexistent/base.img", "true"], "image /nonexistent/base.img: no such file"),
+        (["--mem", "lots", "true"], "--mem lots: not a size"),
+        (["--id", "a b", "true"], "--id a b: use letters"),
+        (["--jobdir", "/nonexistent-dir", "true"], "not a directory"),
+        (["--changes", "/nonexistent.tar.zst", "true"], "changes /nonexistent.tar.zst: no such file"),
+        (["--linux", "/nonexistent/linux", "true"], "UML kernel /nonexistent/linux: not found"),
+        (["--slirp", "/nonexistent/slirp", "true"], "slirp /nonexistent/slirp: not executable"),
+        (["--timeout", "-3", "true"], "not a positive number of seconds"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, image: Path, args: list[str], message: str) -> None:
+    result = launcher("--image", image, "--jobdir", tmp_path, *args)
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") <= 3  # argparse adds its usage line for its own errors
+
+
+def test_path_with_space_is_refused(tmp_path: Path, image: Path) -> None:
+    jobdir = tmp_path / "job dir"
+    jobdir.mkdir()
+    result = launcher("--image", image, "--jobdir", jobdir, "true")
+    assert result.returncode == 2
+    assert result.stderr.startswith("apppot-start: error: job directory ") and "white space" in result.stderr
+
+
+def test_no_image_at_all(tmp_path: Path) -> None:
+    result = launcher("--jobdir", tmp_path, "true")
+    assert (result.returncode, result.stderr) == (2, "apppot-start: error: no image: give --image PATH or set APPPOT_IMAGE\n")
+
+
+def test_help_documents_exit_codes() -> None:
+    result = launcher("--help")
+    assert result.returncode == 0
+    for text in ("125", "124", "127", "128+N", "APPPOT_IMAGE", "--dry-run", "--changes"):
+        assert text in result.stdout
