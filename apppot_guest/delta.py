@@ -29,7 +29,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,7 +48,7 @@ RECORD = 20 * BLOCK
 # File-name ending -> compressor argv (None: plain tar).  zstd is the default:
 # see docs/benchmarks.md for the measurements behind the choice and level.
 COMPRESSORS: dict[str, list[str] | None] = {
-    ".tar.zst": ["zstd", "-q", "-T0", "-6"],
+    ".tar.zst": ["zstd", "-q", "-T0", "-3"],
     ".tar.gz": ["gzip", "-6", "-n"],
     ".tgz": ["gzip", "-6", "-n"],
     ".tar.xz": ["xz", "-q", "-T0", "-6"],
@@ -107,49 +107,54 @@ def compare(
     With ``for_delta``, every file whose content goes into the delta is hashed
     so that the header can carry its hash.
     """
-    current = scan.entries
-    to_hash = []
-    for path, entry in current.items():
-        old = base.entries.get(path)
-        if entry.kind is not Kind.FILE:
+    records = base.records
+    added: list[bytes] = []
+    differing: list[bytes] = []
+    for path, key in scan.keys.items():
+        record = records.get(path)
+        if record is None:
+            added.append(path)
+        elif checksum or record.rpartition(b"\t")[0] != key:
+            differing.append(path)
+
+    # Which files need their content hashed, and which keep the base's hash.
+    digests: dict[bytes, str] = {}
+    to_hash = [p for p in added if scan.is_plain_file(p)] if for_delta else []
+    for path in differing:
+        old, new = base.entry(path), scan.entry(path)
+        assert old is not None
+        if new.kind is not Kind.FILE:
             continue
-        if old is None or old.kind is not Kind.FILE:
-            if for_delta and not entry.link:
-                to_hash.append(path)
-        elif checksum or (entry.size == old.size and not same_mtime(old.mtime_ns, entry.mtime_ns)):
+        was_file = old.kind is Kind.FILE
+        if was_file and (checksum or (new.size == old.size and not same_mtime(old.mtime_ns, new.mtime_ns))):
             to_hash.append(path)
-        elif entry.size != old.size:
-            if for_delta:
-                to_hash.append(path)
+        elif was_file and new.size == old.size:
+            digests[path] = old.digest  # size and mtime unchanged: trusted, as rsync does
+        elif for_delta and scan.is_plain_file(path):
+            to_hash.append(path)
         else:
-            current[path] = replace(entry, digest=old.digest)
+            digests[path] = "?"  # not hashed: the size or the type alone shows the change
     scan.hash_files(to_hash, progress)
 
-    changes: list[Change] = []
-    creates: list[tuple[Op, Entry | bytes]] = []
-    for path, entry in current.items():
-        old = base.entries.get(path)
-        if old is None:
-            changes.append(Change(Status.ADDED, path))
-            creates.append((Op.CREATE, entry))
-            continue
-        if not for_delta and entry.kind is Kind.FILE and old.kind is Kind.FILE and entry.size != old.size:
-            entry = replace(entry, digest="?")  # not hashed: the size alone shows the change
-        what = old.differences(entry)
+    changes = [Change(Status.ADDED, path) for path in added]
+    creates: list[tuple[Op, Entry | bytes]] = [(Op.CREATE, scan.entry(path)) for path in added]
+    for path in differing:
+        old = base.entry(path)
+        new = scan.entry(path, digests.get(path))
+        assert old is not None
+        what = old.differences(new)
         if not what:
             continue
         changes.append(Change(Status.MODIFIED, path, tuple(what)))
-        if old.same_content(entry):
-            creates.append((Op.META, entry))
-        else:
-            creates.append((Op.CREATE, entry))
+        creates.append((Op.META if old.same_content(new) else Op.CREATE, new))
     deletes: list[tuple[Op, Entry | bytes]] = []
-    for path in base.entries:
+    current = scan.keys
+    for path in records:
         if path in current or exclude(path):
             continue
         changes.append(Change(Status.DELETED, path))
         parent = path.rpartition(b"/")[0]
-        if not parent or (parent in current and current[parent].kind is Kind.DIR):
+        if not parent or current.get(parent, b"")[:1] == b"d":
             deletes.append((Op.DELETE, path))  # the topmost deleted path of its tree
     changes.sort(key=lambda c: c.path)
     creates.sort(key=lambda op: op[1].path)  # type: ignore[union-attr]

@@ -9,7 +9,12 @@ A manifest file is::
 
 An entry line has twelve tab-separated fields::
 
-    path kind mode uid gid size mtime_ns digest target rdev xattrs link
+    path kind mode uid gid size mtime_ns target rdev xattrs link digest
+
+Everything between ``path`` and ``digest`` is the entry's *key*: when the key
+of a path is the same in the base and in the tree, the entry is unchanged
+(size and mtime stand in for the content, as in ``rsync``), which makes a
+comparison one bytes equality for almost every entry.
 
 ``path``, ``target`` and ``link`` are raw bytes relative to the root (no
 leading slash), with tab, newline, carriage return, backslash and other
@@ -129,33 +134,35 @@ def unescape(field: bytes) -> bytes:
     return out
 
 
-def format_entry(e: Entry) -> bytes:
-    xattrs = b",".join(escape(n, _ESCAPE_NAME) + b"=" + v.hex().encode() for n, v in e.xattrs)
-    rdev = b"%d:%d" % (os.major(e.rdev), os.minor(e.rdev)) if e.kind in (Kind.CHAR, Kind.BLOCK) else b""
-    return b"\t".join(
-        (
-            escape(e.path),
-            e.kind.encode(),
-            b"%o" % e.mode,
-            b"%d" % e.uid,
-            b"%d" % e.gid,
-            b"%d" % e.size,
-            b"%d" % e.mtime_ns,
-            e.digest.encode(),
-            escape(e.target),
-            rdev,
-            xattrs,
-            escape(e.link),
-        )
+def format_key(
+    kind: Kind, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
+    target: bytes, rdev: int, xattrs: tuple[tuple[bytes, bytes], ...], link: bytes,
+) -> bytes:
+    """The fields between path and digest, as they stand in a manifest line."""
+    xattr_field = b",".join(escape(n, _ESCAPE_NAME) + b"=" + v.hex().encode() for n, v in xattrs) if xattrs else b""
+    rdev_field = b"%d:%d" % (os.major(rdev), os.minor(rdev)) if kind in (Kind.CHAR, Kind.BLOCK) else b""
+    return b"%s\t%o\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s" % (
+        kind.encode(), mode, uid, gid, size, mtime_ns, escape(target) if target else b"", rdev_field, xattr_field, escape(link) if link else b"",
     )
+
+
+def format_entry(e: Entry) -> bytes:
+    key = format_key(e.kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.target, e.rdev, e.xattrs, e.link)
+    return escape(e.path) + b"\t" + key + b"\t" + e.digest.encode()
 
 
 def parse_entry(line: bytes) -> Entry:
     """Parse one entry line; raises ValueError on anything malformed."""
-    fields = line.split(b"\t")
-    if len(fields) != 12:
-        raise ValueError(f"expected 12 fields, found {len(fields)}")
-    path, kind, mode, uid, gid, size, mtime, digest, target, rdev, xattrs, link = fields
+    path, _, record = line.partition(b"\t")
+    return parse_record(unescape(path), record)
+
+
+def parse_record(path: bytes, record: bytes) -> Entry:
+    """The entry for ``path`` from the rest of its line (key and digest)."""
+    fields = record.split(b"\t")
+    if len(fields) != 11:
+        raise ValueError(f"expected 12 fields, found {len(fields) + 1}")
+    kind, mode, uid, gid, size, mtime, target, rdev, xattrs, link, digest = fields
     rdev_num = 0
     if rdev:
         major, minor = rdev.split(b":")
@@ -166,7 +173,7 @@ def parse_entry(line: bytes) -> Entry:
             name, value = item.split(b"=")
             pairs.append((unescape(name), bytes.fromhex(value.decode("ascii"))))
     entry = Entry(
-        path=unescape(path),
+        path=path,
         kind=Kind(kind.decode("ascii")),
         mode=int(mode, 8),
         uid=int(uid),
@@ -194,27 +201,40 @@ def entries_id(lines: Iterable[bytes]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """A recorded tree: its entries by path, and its ID."""
+    """A recorded tree: the record (key and digest) of each path, sorted, and the manifest's ID.
 
-    entries: dict[bytes, Entry]
+    Records stay bytes until an entry is asked for: most of them are only ever compared.
+    """
+
+    records: dict[bytes, bytes]
     id: str
     created: str = ""
     apppot_version: str = __version__
 
     @classmethod
-    def from_entries(cls, entries: Iterable[Entry]) -> Manifest:
-        by_path = {e.path: e for e in entries}
-        ordered = sorted(by_path)
+    def from_records(cls, records: dict[bytes, bytes]) -> Manifest:
+        ordered = {path: records[path] for path in sorted(records)}
         return cls(
-            entries={p: by_path[p] for p in ordered},
-            id=entries_id(format_entry(by_path[p]) for p in ordered),
+            records=ordered,
+            id=entries_id(escape(p) + b"\t" + r for p, r in ordered.items()),
             created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
 
+    @classmethod
+    def from_entries(cls, entries: Iterable[Entry]) -> Manifest:
+        return cls.from_records({e.path: format_entry(e).partition(b"\t")[2] for e in entries})
+
+    def entry(self, path: bytes) -> Entry | None:
+        record = self.records.get(path)
+        return None if record is None else parse_record(path, record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
     def to_bytes(self) -> bytes:
-        header = {"apppot_version": self.apppot_version, "created": self.created, "entries": len(self.entries), "id": self.id}
+        header = {"apppot_version": self.apppot_version, "created": self.created, "entries": len(self.records), "id": self.id}
         lines = [MAGIC, json.dumps(header, sort_keys=True).encode()]
-        lines += [format_entry(e) for e in self.entries.values()]
+        lines += [escape(p) + b"\t" + r for p, r in self.records.items()]
         return b"\n".join(lines) + b"\n"
 
     @classmethod
@@ -228,17 +248,19 @@ class Manifest:
             header = json.loads(lines[1])
         except ValueError as exc:
             raise DeltaError(f"{where}:2: bad manifest header: {exc}") from None
-        entries: dict[bytes, Entry] = {}
+        records: dict[bytes, bytes] = {}
         for number, line in enumerate(lines[2:], start=3):
+            path, _, record = line.partition(b"\t")
             try:
-                entry = parse_entry(line)
-            except (ValueError, KeyError) as exc:
+                if record.count(b"\t") != 10:
+                    raise ValueError("expected 12 fields")
+                records[unescape(path)] = record
+            except ValueError as exc:
                 raise DeltaError(f"{where}:{number}: bad manifest entry: {exc}") from None
-            entries[entry.path] = entry
         manifest_id = entries_id(lines[2:])
-        if header.get("id") != manifest_id or header.get("entries") != len(entries):
+        if header.get("id") != manifest_id or header.get("entries") != len(records):
             raise DeltaError(f"{where}: manifest is corrupt (its ID or entry count does not match its entries)")
-        return cls(entries, manifest_id, str(header.get("created", "")), str(header.get("apppot_version", "")))
+        return cls(records, manifest_id, str(header.get("created", "")), str(header.get("apppot_version", "")))
 
 
 def base_path(root: Path) -> Path:

@@ -219,7 +219,7 @@ class Merge:
     def stage(self) -> None:
         stream, proc = open_archive(self.delta)
         try:
-            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK, encoding="utf-8", errors="surrogateescape") as tar:
                 self._stage_members(tar)
             while stream.read(CHUNK):  # the zero padding after the end-of-archive blocks
                 pass

@@ -17,7 +17,6 @@ from . import __version__
 from .delta import DEFAULT_SUFFIX, Diff, compare, compressor_for, write_delta
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table
 from .manifest import Manifest, load_base, save_base
-from .merge import apply_delta
 from .tree import Excluder, Scan
 
 PROG = "apppot-snap"
@@ -81,15 +80,15 @@ def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Exclude
 def cmd_base(args: argparse.Namespace) -> int:
     progress = Progress("recording base", args.progress)
     scan = Scan(args.root, load_excluder(args), progress)
-    scan.hash_files(list(scan.entries), progress)
+    scan.hash_files(list(scan.keys), progress)
     progress.done()
-    manifest = Manifest.from_entries(scan.entries.values())
-    total = sum(e.size for e in manifest.entries.values())
+    manifest = Manifest.from_records({path: scan.record(path) for path in scan.keys})
+    summary = f"{manifest.id} ({len(manifest)} entries, {scan.total_bytes / 1e6:.1f} MB)"
     if args.just_print:
-        print(f"would record base {manifest.id} ({len(manifest.entries)} entries, {total / 1e6:.1f} MB) in {args.root}")
+        print(f"would record base {summary} in {args.root}")
         return 0
     path = save_base(args.root, manifest)
-    print(f"recorded base {manifest.id} ({len(manifest.entries)} entries, {total / 1e6:.1f} MB) in {path}")
+    print(f"recorded base {summary} in {path}")
     return 0
 
 
@@ -130,6 +129,8 @@ def cmd_changes(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import apply_delta  # only merging needs it
+
     report = apply_delta(args.root, Path(args.file), force=args.force, dry_run=args.just_print, exclude=load_excluder(args))
     if args.just_print or args.verbose:
         for line in report.plan:

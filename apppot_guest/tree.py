@@ -10,11 +10,10 @@ import re
 import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 from .errors import ConfigError, FsError, fs_error
-from .manifest import KIND_OF_MODE, Entry, Kind
+from .manifest import KIND_OF_MODE, Entry, Kind, escape, format_key, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -117,35 +116,29 @@ def read_xattrs(path: bytes | int) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted(pairs))
 
 
-def entry_from_stat(rel: bytes, st: os.stat_result, full: bytes) -> Entry | None:
-    """The manifest entry for ``full`` (without a content hash); None for sockets."""
-    kind = KIND_OF_MODE.get(stat.S_IFMT(st.st_mode))
-    if kind is None:
-        log.debug("skipping socket %s", os.fsdecode(full))
-        return None
-    return Entry(
-        path=rel,
-        kind=kind,
-        mode=stat.S_IMODE(st.st_mode),
-        uid=st.st_uid,
-        gid=st.st_gid,
-        size=st.st_size if kind is Kind.FILE else 0,
-        mtime_ns=st.st_mtime_ns,
-        target=os.readlink(full) if kind is Kind.SYMLINK else b"",
-        rdev=st.st_rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0,
-        xattrs=read_xattrs(full),
-    )
-
-
 class Scan:
-    """The entries of one walk of a root, before hashing."""
+    """One walk of a root: the manifest key of every entry, and content hashes on demand."""
 
     def __init__(self, root: Path, exclude: Excluder, progress: Callable[[int, int], None] | None = None) -> None:
         self.root = root
         self.broot = os.fsencode(root)
-        self.entries: dict[bytes, Entry] = {}
+        self.keys: dict[bytes, bytes] = {}  # path -> manifest key (kind ... link)
+        self.digests: dict[bytes, str] = {}  # path -> sha256, for the files hashed so far
         self.sparse: set[bytes] = set()
+        self.total_bytes = 0
         self._walk(exclude, progress)
+
+    def entry(self, rel: bytes, digest: str | None = None) -> Entry:
+        """The full entry of ``rel``, with its hash if known (or ``digest``)."""
+        return parse_record(rel, self.keys[rel] + b"\t" + (digest if digest is not None else self.digests.get(rel, "")).encode())
+
+    def record(self, rel: bytes) -> bytes:
+        return self.keys[rel] + b"\t" + self.digests.get(rel, "").encode()
+
+    def is_plain_file(self, rel: bytes) -> bool:
+        """A regular file that is not a second name of another (a hardlink member)."""
+        key = self.keys[rel]
+        return key[:1] == b"f" and key.endswith(b"\t")
 
     def _walk(self, exclude: Excluder, progress: Callable[[int, int], None] | None) -> None:
         try:
@@ -153,6 +146,7 @@ class Scan:
         except OSError as exc:
             raise fs_error(exc, "read the root", self.root) from exc
         inodes: dict[tuple[int, int], list[bytes]] = {}
+        keys = self.keys
         stack: list[bytes] = [b""]
         while stack:
             rel_dir = stack.pop()
@@ -167,45 +161,55 @@ class Scan:
                     continue
                 try:
                     st = item.stat(follow_symlinks=False)
-                    entry = entry_from_stat(rel, st, item.path)
+                    kind = KIND_OF_MODE.get(stat.S_IFMT(st.st_mode))
+                    if kind is None:
+                        continue  # a socket: it cannot be archived and is recreated by its program
+                    target = b""
+                    if kind is Kind.DIR:
+                        if st.st_dev != root_dev:
+                            log.debug("not crossing into the mount point %s", os.fsdecode(item.path))
+                            continue
+                        stack.append(rel)
+                    elif kind is Kind.FILE:
+                        if st.st_nlink > 1:
+                            inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+                        if st.st_blocks * 512 < st.st_size:
+                            self.sparse.add(rel)
+                        self.total_bytes += st.st_size
+                    elif kind is Kind.SYMLINK:
+                        target = os.readlink(item.path)
+                    keys[rel] = format_key(
+                        kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size if kind is Kind.FILE else 0,
+                        st.st_mtime_ns, target, st.st_rdev, read_xattrs(item.path), b"",
+                    )
                 except FileNotFoundError:
                     continue  # vanished while we looked: not part of this tree
                 except OSError as exc:
                     raise fs_error(exc, "read", item.path) from exc
-                if entry is None:
-                    continue
-                if entry.kind is Kind.DIR:
-                    if st.st_dev != root_dev:
-                        log.debug("not crossing into the mount point %s", os.fsdecode(item.path))
-                        continue
-                    stack.append(rel)
-                elif entry.kind is Kind.FILE:
-                    if st.st_nlink > 1:
-                        inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-                    if st.st_blocks * 512 < st.st_size:
-                        self.sparse.add(rel)
-                self.entries[rel] = entry
             if progress:
-                progress(len(self.entries), 0)
+                progress(len(keys), 0)
         for group in inodes.values():
             if len(group) > 1:
                 leader = min(group)
                 for member in group:
                     if member != leader:
-                        self.entries[member] = replace(self.entries[member], link=leader)
+                        keys[member] += escape(leader)
 
     def hash_files(self, paths: Iterable[bytes], progress: Callable[[int, int], None] | None = None) -> None:
-        """Fill in the content hash of the regular files ``paths`` (threads: hashlib drops the GIL)."""
-        todo = [p for p in paths if self.entries[p].kind is Kind.FILE]
+        """Hash the regular files ``paths`` in a few threads (hashlib releases the GIL)."""
+        todo = [p for p in paths if self.keys[p][:1] == b"f" and p not in self.digests]
+        batches = [todo[i : i + 64] for i in range(0, len(todo), 64)]  # bounded: no future per file
         done_bytes = 0
         workers = min(8, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for rel, digest in zip(todo, pool.map(self._hash_one, todo)):
-                entry = self.entries[rel]
-                self.entries[rel] = replace(entry, digest=digest)
-                done_bytes += entry.size
+            for batch, digests in zip(batches, pool.map(self._hash_batch, batches)):
+                self.digests.update(zip(batch, digests))
                 if progress:
-                    progress(len(self.entries), done_bytes)
+                    done_bytes += sum(int(self.keys[p].split(b"\t", 5)[4]) for p in batch)
+                    progress(len(self.keys), done_bytes)
+
+    def _hash_batch(self, batch: list[bytes]) -> list[str]:
+        return [self._hash_one(rel) for rel in batch]
 
     def _hash_one(self, rel: bytes) -> str:
         full = os.path.join(self.broot, rel)
@@ -219,7 +223,6 @@ class Scan:
             raise fs_error(exc, "read", full) from exc
         finally:
             os.close(fd)
-
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """The (offset, length) runs of a file that hold data; the rest are holes."""

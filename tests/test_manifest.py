@@ -37,9 +37,10 @@ def test_entry_line_round_trip_is_bytes_safe(entry: Entry) -> None:
         b"path\tf\t9z\t0\t0\t0\t0\t\t\t\t\t",  # mode not octal
         b"path\tf\t644\tx\t0\t0\t0\t\t\t\t\t",  # uid not a number
         b"\tf\t644\t0\t0\t0\t0\t\t\t\t\t",  # empty path
-        b"p\tc\t644\t0\t0\t0\t0\t\t\t1\t\t",  # rdev without ':'
-        b"p\td\t755\t0\t0\t0\t0\t\t\t\tuser.x\t",  # xattr without '='
-        b"p\td\t755\t0\t0\t0\t0\t\t\t\tuser.x=zz\t",  # xattr value not hex
+        b"p\tc\t644\t0\t0\t0\t0\t\t1\t\t\t",  # rdev without ':'
+        b"p\td\t755\t0\t0\t0\t0\t\t\tuser.x\t\t",  # xattr without '='
+        b"p\td\t755\t0\t0\t0\t0\t\t\tuser.x=zz\t\t",  # xattr value not hex
+        b"p\tf\t644\t0\t0\t0\t0\t\t\t\t\t\xff",  # digest not ASCII
         b"a\\q\tf\t644\t0\t0\t0\t0\t\t\t\t\t",  # bad escape
     ],
 )
@@ -52,9 +53,10 @@ def test_manifest_id_depends_on_entries_only() -> None:
     a = Manifest.from_entries(reversed(ODD_ENTRIES))
     b = Manifest.from_entries(ODD_ENTRIES)
     assert a.id == b.id and a.id.startswith("sha256:")
-    assert list(a.entries) == sorted(e.path for e in ODD_ENTRIES)
+    assert list(a.records) == sorted(e.path for e in ODD_ENTRIES)
     again = Manifest.from_bytes(a.to_bytes(), "test")
-    assert again.entries == a.entries and again.id == a.id
+    assert again.records == a.records and again.id == a.id
+    assert [again.entry(e.path) for e in ODD_ENTRIES] == ODD_ENTRIES
     changed = Manifest.from_entries([*ODD_ENTRIES[1:], Entry(b"usr/bin/x", Kind.FILE, 0o755, 0, 0)])
     assert changed.id != a.id
 
@@ -71,7 +73,7 @@ def test_base_records_every_kind_and_hardlink_groups(rootfs: Path) -> None:
     out = snap("--root", rootfs, "base").stdout
     manifest = load_base(rootfs)
     assert manifest.id in out
-    e = manifest.entries
+    e = {path: manifest.entry(path) for path in manifest.records}
     assert e[b"usr/bin/tool"].link == b"" and e[b"usr/bin/tool-hard"].link == b"usr/bin/tool"
     assert e[b"usr/lib/x/tool-hard2"].link == b"usr/bin/tool"
     assert e[b"usr/bin/suid"].mode == 0o4755
@@ -86,6 +88,7 @@ def test_base_records_every_kind_and_hardlink_groups(rootfs: Path) -> None:
     assert sparse.digest == hashlib.sha256((rootfs / "var/lib/sparse.img").read_bytes()).hexdigest()
     assert (b"security.capability", bytes.fromhex("0100000200040000000000000000000000000000")) in e[b"usr/bin/ping"].xattrs
     assert b"var/lib/apppot" not in e and not any(p.startswith(b"var/lib/apppot/") for p in e)
+    assert e[b"home/user/.wh.notawhiteout"].kind is Kind.FILE
     assert e[b"usr/bin/tool"].mtime_ns % 1_000_000_000 != 0  # nanoseconds kept
 
 

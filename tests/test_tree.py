@@ -79,7 +79,7 @@ def test_scan_does_not_cross_into_other_mounts(rootfs: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
     try:
         (mnt / "remote-data").write_text("x")
-        entries = Scan(rootfs, Excluder([])).entries
+        entries = Scan(rootfs, Excluder([])).keys
         assert b"srv/remote-data" not in entries and b"srv" not in entries
         assert b"etc/hostname" in entries
     finally:
