@@ -180,9 +180,10 @@ def _ensure_home(home: Path, uid: int, gid: int, root: Path) -> None:
 def _ensure_sudo(root: Path, name: str) -> None:
     """Passwordless sudo for ``name``: /etc/sudoers.d/apppot, checked with visudo."""
     path = root / SUDOERS_FILE
-    content = f"# Written by apppot-init: the job's user may administer this image.\n{name} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+    rule = f"{name} ALL=(ALL:ALL) NOPASSWD: ALL"
+    content = f"# Written by apppot-init: the job's user may administer this image.\n{rule}\n"
     try:
-        if path.read_text() == content:
+        if rule in path.read_text().splitlines():  # ours, or the package's (postinst) for the same user
             return
     except OSError:
         pass

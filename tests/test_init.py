@@ -436,3 +436,18 @@ def test_pid1_network_is_slirps(tmp_path: Path) -> None:
     assert ",UP" in lo
     assert "inet 10.0.2.15/24" in eth0
     assert route.startswith("default via 10.0.2.2 dev eth0")
+
+
+def test_account_keeps_the_packages_sudo_rule_for_the_same_user(scratch: tuple[Path, Path, int]) -> None:
+    from apppot_guest.account import ensure_account
+
+    root, _jobdir, ident = scratch
+    rule = root / "etc/sudoers.d/apppot"
+    rule.parent.mkdir()
+    package_rule = f"# Written by the apppot package\n{NAME} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+    rule.write_text(package_rule)
+    ensure_account(root, NAME, ident, NAME, ident)
+    assert rule.read_text() == package_rule
+    other = free_id(ident + 1)
+    ensure_account(root, "other-user", other, "other-user", other)  # another user: the rule is replaced
+    assert rule.read_text().endswith("\nother-user ALL=(ALL:ALL) NOPASSWD: ALL\n")
