@@ -32,6 +32,10 @@ deb: deps
 # rebuilds; `demo` and `bench-boot` build it only when it is missing.
 IMAGE ?= out/apppot.img
 DEMO_DIR := out/demo
+# apppot-start is for ordinary users: the demo runs it as the user who ran sudo (else uid 1000).
+DEMO_UID := $(or $(SUDO_UID),1000)
+DEMO_GID := $(or $(SUDO_GID),1000)
+DEMO_AS := setpriv --reuid=$(DEMO_UID) --regid=$(DEMO_GID) --clear-groups
 .PHONY: image demo bench-boot
 image: deps
 	mkdir -p $(dir $(IMAGE))
@@ -42,9 +46,10 @@ $(IMAGE):
 
 demo: deps $(IMAGE)
 	@mkdir -p $(DEMO_DIR)
+	@chown $(DEMO_UID):$(DEMO_GID) $(DEMO_DIR)
 	@printf '%s\n' '#include <stdio.h>' 'int main(void) { puts("hello from a program compiled inside AppPot"); return 3; }' > $(DEMO_DIR)/hello.c
-	@echo "demo: scripts/apppot-start --image $(IMAGE) --ephemeral --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'"
-	@scripts/apppot-start --image $(IMAGE) --ephemeral --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'; \
+	@echo "demo (as uid $(DEMO_UID)): scripts/apppot-start --image $(IMAGE) --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'"
+	@$(DEMO_AS) scripts/apppot-start --image $(IMAGE) --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'; \
 	  echo "demo: apppot-start exited with $$? (the job's own exit code); $(DEMO_DIR)/apppot.status.json says:"
 	@cat $(DEMO_DIR)/apppot.status.json
 
