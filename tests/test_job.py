@@ -79,11 +79,11 @@ def test_timeout_stops_the_whole_tree_including_a_grandchild_ignoring_term(job_u
     )
     (job_dir / "gc.py").write_text(grandchild)
     script = f"{PY} gc.py & until [ -e gc.pid ]; do sleep 0.05; done; echo ready; exec sleep 600"
-    result, out = run(job_user, job_dir, "sh", "-c", script, timeout=3, grace=1)
+    result, out = run(job_user, job_dir, "sh", "-c", script, timeout=5, grace=1)
     assert "ready" in out, "the grandchild never started: the scenario did not happen"
     assert (result.outcome, result.exit_code) == (Outcome.TIMEOUT, 124)
     assert result.signal == signal.SIGTERM
-    assert result.error == "timed out after 3 seconds"
+    assert result.error == "timed out after 5 seconds"
     gc_pid = int((job_dir / "gc.pid").read_text())
     assert not psutil.pid_exists(gc_pid), "the grandchild ignoring SIGTERM survived (or is an unreaped zombie)"
     assert not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == job_user.uid]
