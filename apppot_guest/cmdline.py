@@ -166,7 +166,8 @@ def validate(config: BootConfig) -> None:
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+    """A file name in the job directory that is also a safe kernel command line word."""
+    return bool(re.fullmatch(r"[A-Za-z0-9._-]{1,255}", name)) and name not in (".", "..")
 
 
 # -- argv and value encoding -------------------------------------------------

@@ -98,6 +98,8 @@ def test_parse(line: str, expected: BootConfig) -> None:
         ("apppot.cmd=\"a 'b\"", "No closing quotation"),
         ("apppot.cmd=a apppot.cmdfile=f", "cannot both be given"),
         ("apppot.cmdfile=../etc/passwd", "not a plain file name"),
+        ('apppot.cmdfile="a b"', "not a plain file name"),
+        ("apppot.cmdfile=..", "not a plain file name"),
         ("apppot.user=ro:ot", "not a valid account name"),
         ("apppot.group=", "not a valid account name"),
         ("apppot.timeout=soon", "not a number of seconds"),
