@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import enum
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -35,8 +34,8 @@ from typing import BinaryIO
 
 from . import __version__
 from .errors import DeltaError, FsError, ToolError, UsageError, fs_error
-from .manifest import Entry, Kind, Manifest, escape, format_entry, same_mtime
-from .tree import CHUNK, Excluder, Scan, data_extents, hash_zeros
+from .manifest import Entry, Kind, Manifest, escape, format_entry, join_document, same_mtime
+from .tree import Excluder, Scan, data_extents, read_content
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def header_bytes(base_id: str, ops: list[tuple[Op, Entry | bytes]]) -> bytes:
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **counts,
     }
-    return b"\n".join([HEADER_MAGIC, json.dumps(meta, sort_keys=True).encode(), *lines]) + b"\n"
+    return join_document(HEADER_MAGIC, meta, lines)
 
 
 def compressor_for(path: Path) -> list[str] | None:
@@ -226,22 +225,11 @@ class TarWriter:
         else:
             info.size = size
             self._write(member_header(info, {}))
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        position = 0
-        for start, length in extents:
-            hash_zeros(h, start - position)
-            os.lseek(fd, start, os.SEEK_SET)
-            remaining = length
-            while remaining:
-                n = os.readv(fd, [view[: min(CHUNK, remaining)]])
-                if not n:
-                    raise FsError(f"{os.fsdecode(where)} shrank while it was being archived; run again")
-                h.update(view[:n])
-                self._write(view[:n])
-                remaining -= n
-            position = start + length
-        hash_zeros(h, size - position)
+        try:
+            for chunk in read_content(fd, size, extents, h):
+                self._write(chunk)
+        except FsError:
+            raise FsError(f"{os.fsdecode(where)} shrank while it was being archived; run again") from None
         self._pad()
         if digest and h.hexdigest() != digest:
             raise FsError(f"{os.fsdecode(where)} changed while it was being archived; run again")

@@ -191,6 +191,27 @@ def parse_record(path: bytes, record: bytes) -> Entry:
     return entry
 
 
+def join_document(magic: bytes, meta: dict[str, object], lines: Iterable[bytes]) -> bytes:
+    """A magic line, a JSON line, then ``lines``: the layout of manifests and delta headers."""
+    return b"\n".join([magic, json.dumps(meta, sort_keys=True).encode(), *lines]) + b"\n"
+
+
+def split_document(data: bytes, magic: bytes, where: str, what: str) -> tuple[dict[str, object], list[bytes]]:
+    """The JSON line and the remaining lines of a document made by ``join_document``."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if len(lines) < 2 or lines[0] != magic:
+        raise DeltaError(f"{where}: not {what} (it does not start with {magic.decode()!r})")
+    try:
+        meta = json.loads(lines[1])
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise DeltaError(f"{where}: line 2 of {what}: {exc}") from None
+    return meta, lines[2:]
+
+
 def entries_id(lines: Iterable[bytes]) -> str:
     h = hashlib.sha256()
     for line in lines:
@@ -232,24 +253,14 @@ class Manifest:
         return len(self.records)
 
     def to_bytes(self) -> bytes:
-        header = {"apppot_version": self.apppot_version, "created": self.created, "entries": len(self.records), "id": self.id}
-        lines = [MAGIC, json.dumps(header, sort_keys=True).encode()]
-        lines += [escape(p) + b"\t" + r for p, r in self.records.items()]
-        return b"\n".join(lines) + b"\n"
+        meta = {"apppot_version": self.apppot_version, "created": self.created, "entries": len(self.records), "id": self.id}
+        return join_document(MAGIC, meta, (escape(p) + b"\t" + r for p, r in self.records.items()))
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        lines = data.split(b"\n")
-        if lines[-1] == b"":
-            lines.pop()
-        if len(lines) < 2 or lines[0] != MAGIC:
-            raise DeltaError(f"{where}: not an apppot manifest (first line is not {MAGIC.decode()!r})")
-        try:
-            header = json.loads(lines[1])
-        except ValueError as exc:
-            raise DeltaError(f"{where}:2: bad manifest header: {exc}") from None
+        header, lines = split_document(data, MAGIC, where, "an apppot manifest")
         records: dict[bytes, bytes] = {}
-        for number, line in enumerate(lines[2:], start=3):
+        for number, line in enumerate(lines, start=3):
             path, _, record = line.partition(b"\t")
             try:
                 if record.count(b"\t") != 10:
@@ -257,7 +268,7 @@ class Manifest:
                 records[unescape(path)] = record
             except ValueError as exc:
                 raise DeltaError(f"{where}:{number}: bad manifest entry: {exc}") from None
-        manifest_id = entries_id(lines[2:])
+        manifest_id = entries_id(lines)
         if header.get("id") != manifest_id or header.get("entries") != len(records):
             raise DeltaError(f"{where}: manifest is corrupt (its ID or entry count does not match its entries)")
         return cls(records, manifest_id, str(header.get("created", "")), str(header.get("apppot_version", "")))

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import stat
 import sys
 import tarfile
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,8 @@ from typing import BinaryIO
 
 from .delta import HEADER_MAGIC, HEADER_NAME, Op, open_archive
 from .errors import BaseMismatchError, DeltaError, FsError, NoBaseError, UnsafePathError, display_path, fs_error
-from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly, parse_entry, unescape
+from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly, parse_entry, split_document, unescape
+from .confined import Root, set_xattrs
 from .tree import CHUNK, Excluder, hash_zeros
 
 log = logging.getLogger(__name__)
@@ -59,17 +58,9 @@ class MergeReport:
 
 
 def parse_header(data: bytes, where: Path) -> DeltaHeader:
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if len(lines) < 2 or lines[0] != HEADER_MAGIC:
-        raise DeltaError(f"{where}: not an AppPot delta (its {HEADER_NAME} member does not start with {HEADER_MAGIC.decode()!r})")
-    try:
-        meta = json.loads(lines[1])
-    except ValueError as exc:
-        raise DeltaError(f"{where}: {HEADER_NAME} line 2: {exc}") from None
+    meta, lines = split_document(data, HEADER_MAGIC, os.fspath(where), f"an AppPot delta's {HEADER_NAME}")
     ops: list[tuple[Op, Entry | bytes]] = []
-    for number, line in enumerate(lines[2:], start=3):
+    for number, line in enumerate(lines, start=3):
         try:
             tag, _, payload = line.partition(b"\t")
             op = Op(tag.decode("ascii"))
@@ -84,123 +75,6 @@ def check_syntax(path: bytes, where: Path) -> None:
         raise UnsafePathError(f"{where}: refusing member {display_path(path)!r}: not a relative path")
     if any(part in (b"", b".", b"..") for part in path.split(b"/")):
         raise UnsafePathError(f"{where}: refusing member {display_path(path)!r}: it contains '..', '.' or an empty component")
-
-
-class Root:
-    """File operations confined to a root directory: parents opened with O_NOFOLLOW."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        try:
-            self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise fs_error(exc, "open the root", root) from exc
-        self._parents: OrderedDict[bytes, int] = OrderedDict()  # a few open parent directories
-
-    def close(self) -> None:
-        for fd in self._parents.values():
-            os.close(fd)
-        self._parents.clear()
-        os.close(self.fd)
-
-    def parent(self, rel: bytes) -> tuple[int, bytes]:
-        """An fd of ``rel``'s parent directory (kept open for a while) and the last component."""
-        head, _, name = rel.rpartition(b"/")
-        if head in self._parents:
-            self._parents.move_to_end(head)
-            return self._parents[head], name
-        fd = os.dup(self.fd)
-        for part in head.split(b"/") if head else ():
-            try:
-                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePathError(f"refusing to write {display_path(rel)}: {display_path(head)} is not a directory (a symlink?)") from None
-                raise fs_error(exc, "open the directory of", self.root / os.fsdecode(rel)) from exc
-            os.close(fd)
-            fd = next_fd
-        self._parents[head] = fd
-        if len(self._parents) > 16:
-            os.close(self._parents.popitem(last=False)[1])
-        return fd, name
-
-    def forget(self, rel: bytes = b"") -> None:
-        """Close the cached directories at or below ``rel`` (all with ``b""``): it is being replaced."""
-        for head in [h for h in self._parents if not rel or h == rel or h.startswith(rel + b"/")]:
-            os.close(self._parents.pop(head))
-
-    def lstat(self, rel: bytes) -> os.stat_result | None:
-        fd, name = self.parent(rel)
-        try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-
-    def proc_path(self, rel: bytes) -> bytes:
-        fd, name = self.parent(rel)
-        return b"/proc/self/fd/%d/%s" % (fd, name)
-
-    def remove(self, rel: bytes, exclude: Excluder) -> None:
-        """Remove ``rel`` and everything below it, except excluded paths and other mounts."""
-        self.forget(rel)
-        fd, name = self.parent(rel)
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            self._remove_tree(fd, name, rel, st.st_dev, exclude)
-        else:
-            os.unlink(name, dir_fd=fd)
-
-    def _remove_tree(self, parent_fd: int, name: bytes, rel: bytes, dev: int, exclude: Excluder) -> None:
-        dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-        try:
-            for item in list(os.scandir(dir_fd)):
-                child = os.fsencode(item.name)
-                child_rel = rel + b"/" + child
-                st = os.stat(child, dir_fd=dir_fd, follow_symlinks=False)
-                if exclude(child_rel) or st.st_dev != dev:
-                    log.warning("keeping %s: excluded or another file system", display_path(child_rel))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    self._remove_tree(dir_fd, child, child_rel, dev, exclude)
-                else:
-                    os.unlink(child, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-        try:
-            os.rmdir(name, dir_fd=parent_fd)
-        except OSError as exc:
-            if exc.errno != errno.ENOTEMPTY:
-                raise
-            log.warning("keeping the directory %s: it still holds excluded paths", display_path(rel))
-
-    def set_metadata(self, rel: bytes, entry: Entry) -> None:
-        """Owner, mode, xattrs and mtime of ``rel`` (in that order: chown clears setuid and capabilities)."""
-        fd, name = self.parent(rel)
-        os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-        if entry.kind is not Kind.SYMLINK:
-            os.chmod(name, entry.mode, dir_fd=fd)
-        set_xattrs(self.proc_path(rel), entry.xattrs)
-        if entry.kind is not Kind.DIR:
-            os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
-
-
-def set_xattrs(target: bytes | int, wanted: tuple[tuple[bytes, bytes], ...]) -> None:
-    follow = isinstance(target, int)
-    try:
-        present = set(os.listxattr(target, follow_symlinks=follow))
-    except OSError as exc:
-        if exc.errno != errno.ENOTSUP:
-            raise
-        present = set()
-    wanted_names = {os.fsdecode(n) for n, _ in wanted}
-    for name in present - wanted_names:
-        os.removexattr(target, name, follow_symlinks=follow)
-    for name, value in wanted:
-        os.setxattr(target, os.fsdecode(name), value, follow_symlinks=follow)
 
 
 class Merge:

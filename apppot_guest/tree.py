@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -242,29 +242,35 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-def hash_fd(fd: int, sparse: bool = False) -> str:
-    """SHA-256 of the file's content; holes of a sparse file are hashed as zeros without reading them."""
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    if not sparse:
-        os.lseek(fd, 0, os.SEEK_SET)
-        while n := os.readv(fd, [buf]):
-            h.update(view[:n])
-        return h.hexdigest()
-    size = os.fstat(fd).st_size
+def read_content(fd: int, size: int, extents: list[tuple[int, int]], h: hashlib._Hash) -> Iterator[memoryview]:
+    """Yield the data of ``extents`` of the file ``fd`` chunk by chunk, feeding the whole
+    content (holes as zeros, without reading them) to the hash ``h``.
+
+    Raises FsError if the file is shorter than its extents say (it shrank while being read).
+    """
+    view = memoryview(bytearray(CHUNK))
     position = 0
-    for start, length in [*data_extents(fd, size), (size, 0)]:
+    for start, length in extents:
         hash_zeros(h, start - position)
         os.lseek(fd, start, os.SEEK_SET)
         remaining = length
         while remaining:
             n = os.readv(fd, [view[: min(CHUNK, remaining)]])
             if not n:
-                raise FsError(f"file shrank while being read (fd {fd})")
+                raise FsError(f"a file shrank while it was being read (at byte {start + length - remaining})")
             h.update(view[:n])
+            yield view[:n]
             remaining -= n
         position = start + length
+    hash_zeros(h, size - position)
+
+
+def hash_fd(fd: int, sparse: bool = False) -> str:
+    """SHA-256 of the file's content; holes of a sparse file are hashed as zeros without reading them."""
+    h = hashlib.sha256()
+    size = os.fstat(fd).st_size
+    for _ in read_content(fd, size, data_extents(fd, size) if sparse else [(0, size)], h):
+        pass
     return h.hexdigest()
 
 
