@@ -253,3 +253,30 @@ def test_interrupt_exits_130_and_leaves_nothing(pair: tuple[Path, Path], tmp_pat
         assert proc.wait(timeout=30) == 130
     assert proc.stderr is not None and proc.stderr.read().strip() == "apppot-snap: error: interrupted"
     assert not (tmp_path / "d.tar").exists()
+
+
+def test_progress_only_on_a_terminal(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import pty
+
+    root, _ = pair
+    (root / "etc/new").write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
+    for action in (["base"], ["changes", str(tmp_path / "d.tar.zst")]):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", "--root", str(root), *action],
+                                stdout=subprocess.DEVNULL, stderr=slave, env=env)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(master)
+        assert proc.wait() == 0
+        assert b"entries" in seen and b"\r" in seen, seen
+        quiet = snap("--root", root, *action)
+        assert quiet.stderr == ""
