@@ -244,6 +244,29 @@ def test_reconfigure_is_idempotent_and_handles_inittab(installed_tree: Path, tre
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("APPPOT_UID=abc", "APPPOT_UID=abc in /etc/default/apppot is not a numeric id"),
+        ("APPPOT_USER=Bad.Name", "APPPOT_USER=Bad.Name in /etc/default/apppot is not a valid user or group name"),
+        ("APPPOT_USER=other\nAPPPOT_UID=0", "cannot create user other: uid 0 belongs to user root"),
+    ],
+)
+def test_reconfigure_with_bad_defaults_fails_with_one_line(
+    installed_tree: Path, tree_copy: Callable[..., Path], setting: str, message: str
+) -> None:
+    root = tree_copy(installed_tree)
+    defaults = root / "etc/default/apppot"
+    defaults.write_text(defaults.read_text() + setting + "\n")
+    sudoers = (root / "etc/sudoers.d/apppot").read_bytes()
+    with mkrootfs.chroot_session(root):
+        result = in_tree(root, "dpkg-reconfigure", "-fnoninteractive", "apppot", check=False)
+    assert result.returncode != 0
+    assert f"apppot postinst: error: {message}\n" in result.stderr
+    assert (root / "etc/sudoers.d/apppot").read_bytes() == sudoers
+
+
+@pytest.mark.integration
 def test_snap_base_changes_merge_in_the_tree(installed_tree: Path, tree_copy: Callable[..., Path]) -> None:
     root = tree_copy(installed_tree, real=True)
     with mkrootfs.chroot_session(root):
