@@ -74,7 +74,7 @@ def apply(root: Path, op: tuple) -> None:
             os.chown(p, args[0], args[1], follow_symlinks=False)
         elif kind == "touch":
             os.utime(p, ns=(args[0], args[0]), follow_symlinks=False)
-        elif kind == "xattr" and not os.path.islink(p):
+        elif kind == "xattr" and not os.path.islink(p) and (os.path.isfile(p) or os.path.isdir(p)):  # user.* only there
             value = bytes.fromhex("0100000200040000000000000000000000000000") if args[0] == "security.capability" else args[1]
             if args[0] != "security.capability" or os.path.isfile(p):
                 os.setxattr(p, args[0], value)
