@@ -192,3 +192,14 @@ def test_interactive_session_through_tmux(uml_user: UmlUser, apppot_image: Path,
         assert "login:" not in text.lower()
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False, stderr=subprocess.DEVNULL)
+
+
+def test_network_through_slirp_and_without(start_job: Start, uml_jobdir: Path) -> None:
+    probe = ("import socket; print(socket.gethostbyname('deb.debian.org')); "
+             "s = socket.create_connection(('deb.debian.org', 80), timeout=20); "
+             "s.sendall(b'HEAD /debian/ HTTP/1.0\\r\\nHost: deb.debian.org\\r\\n\\r\\n'); print(s.recv(12).decode())")
+    result = start_job(uml_jobdir, "sh", "-c", f'ip -br address show eth0; python3 -c "{probe}"')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "10.0.2.15/24" in result.stdout and "HTTP/1." in result.stdout
+    result = start_job(uml_jobdir, "test", "!", "-e", "/sys/class/net/eth0", options=["--no-network"])
+    assert result.returncode == 0, result.stdout + result.stderr

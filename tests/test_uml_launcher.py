@@ -53,7 +53,7 @@ def test_dry_run_read_only_image_gets_a_per_run_cow_and_the_argv_round_trips(tmp
     assert backing == os.fspath(image.resolve()) and cow.endswith("/cow") and cow != backing
     assert w["hostfs"] == os.fspath(jobdir.resolve())
     assert w["root"] == "/dev/ubda" and w["con0"] == "fd:0,fd:1" and w["con"] == "null"
-    assert w["eth0"] == "slirp,,/usr/bin/slirp"
+    assert w["eth0"] == "slirp,,/usr/bin/slirp-fullbolt"
     assert w["systemd.unit"] == "apppot-batch.target"
     assert all(" " not in a for a in argv), "every word must survive UML joining them with spaces"
     config = parse_cmdline(" ".join(argv[1:]))
