@@ -27,7 +27,10 @@ class Progress:
     """A self-updating line on a terminal's stderr; silent when stderr is not a terminal."""
 
     def __init__(self, label: str, enabled: bool) -> None:
-        self.label, self.enabled = label, enabled and sys.stderr.isatty()
+        # A batch job's console is a terminal in the guest but a file on the host:
+        # apppot-start says so with TERM=dumb.
+        terminal = sys.stderr.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+        self.label, self.enabled = label, enabled and terminal
         self.last = 0.0
         self.shown = False
 

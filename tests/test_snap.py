@@ -260,7 +260,7 @@ def test_progress_only_on_a_terminal(pair: tuple[Path, Path], tmp_path: Path) ->
 
     root, _ = pair
     (root / "etc/new").write_text("x")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1", "TERM": "xterm"}
     for action in (["base"], ["changes", str(tmp_path / "d.tar.zst")]):
         master, slave = pty.openpty()
         proc = subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", "--root", str(root), *action],
@@ -280,3 +280,14 @@ def test_progress_only_on_a_terminal(pair: tuple[Path, Path], tmp_path: Path) ->
         assert b"entries" in seen and b"\r" in seen, seen
         quiet = snap("--root", root, *action)
         assert quiet.stderr == ""
+    # A terminal that says it is not one (a batch job's console) gets no progress either.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", "--root", str(root), "base"],
+                            stdout=subprocess.DEVNULL, stderr=slave, env={**env, "TERM": "dumb"})
+    os.close(slave)
+    assert proc.wait() == 0
+    try:
+        assert os.read(master, 4096) == b""
+    except OSError:
+        pass  # EIO: nothing was written before the other side closed
+    os.close(master)
