@@ -30,6 +30,8 @@ PYTHON = "/usr/bin/python3"
 MEM = "1024M"
 BEGIN, END = "<!-- boot -->", "<!-- /boot -->"
 TARGET_RATIO = 3.0
+# Run by root (make bench-boot under sudo), the boots run as the sudo user (else uid 1000).
+USER_ID = (int(os.environ.get("SUDO_UID") or 1000), int(os.environ.get("SUDO_GID") or 1000))
 
 
 def floor_argv(image: Path, cow: Path) -> list[str]:
@@ -37,7 +39,15 @@ def floor_argv(image: Path, cow: Path) -> list[str]:
             "loglevel=3", "init=/bin/sh", "--", "-c", '"poweroff -f"']
 
 
+def as_user(argv: list[str]) -> list[str]:
+    """Run by root (make bench-boot under sudo), boot as the sudo user (else uid 1000), as users do."""
+    if os.geteuid() != 0:
+        return argv
+    return ["setpriv", f"--reuid={USER_ID[0]}", f"--regid={USER_ID[1]}", "--clear-groups", *argv]
+
+
 def timed(argv: list[str], cwd: Path) -> float:
+    argv = as_user(argv)
     start = time.monotonic()
     result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
     elapsed = time.monotonic() - start
@@ -62,6 +72,8 @@ def run_rounds(image: Path, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="apppot-bench-boot-") as tmp:
         work = Path(tmp)
+        if os.geteuid() == 0:
+            os.chown(work, *USER_ID)
         plan = cases(image, work)
         for name, argv in plan.items():  # warm the page cache once, untimed
             timed(argv, work)
@@ -83,7 +95,7 @@ def report(times: dict[str, list[float]], image: Path, rounds: int) -> str:
         "",
         f"Measured by `bench/bench_boot.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} CPUs, {platform.release()}, Debian's UML kernel, image `{image.name}` "
-        f"({image.stat().st_blocks * 512 // 2**20} MiB used), mem={MEM}, per-run COW file. "
+        f"({image.stat().st_blocks * 512 // 2**20} MiB used), mem={MEM}, per-run COW file, run as uid {USER_ID[0] if os.geteuid() == 0 else os.geteuid()}. "
         f"{rounds} rounds, the cases interleaved in each round; wall time of the whole command.",
         "",
         "| case | median s | min s | max s | × floor |",

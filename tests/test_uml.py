@@ -201,5 +201,10 @@ def test_network_through_slirp_and_without(start_job: Start, uml_jobdir: Path) -
     result = start_job(uml_jobdir, "sh", "-c", f'ip -br address show eth0; python3 -c "{probe}"')
     assert result.returncode == 0, result.stdout + result.stderr
     assert "10.0.2.15/24" in result.stdout and "HTTP/1." in result.stdout
+    # apppot-init as PID 1 (no systemd) configures the same network.
+    result = start_job(uml_jobdir, "sh", "-c", "cat /proc/1/comm; ip -br address show eth0; getent hosts deb.debian.org",
+                       options=["--boot", "direct"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("apppot-init\n") and "10.0.2.15/24" in result.stdout
     result = start_job(uml_jobdir, "test", "!", "-e", "/sys/class/net/eth0", options=["--no-network"])
     assert result.returncode == 0, result.stdout + result.stderr
