@@ -208,3 +208,19 @@ def test_network_through_slirp_and_without(start_job: Start, uml_jobdir: Path) -
     assert result.stdout.startswith("apppot-init\n") and "10.0.2.15/24" in result.stdout
     result = start_job(uml_jobdir, "test", "!", "-e", "/sys/class/net/eth0", options=["--no-network"])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_launcher_stopped_by_the_batch_system_stops_the_vm(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+    argv = as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", uml_jobdir, "--",
+                              "sh", "-c", "touch started; sleep 300"])
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (uml_jobdir / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # setpriv exec'd the launcher: this is apppot-start's pid
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 125
+    assert "stopping the VM: apppot-start got SIGTERM" in err
+    left = subprocess.run(["pgrep", "-u", str(uml_user.uid), "-f", "linux|slirp"], capture_output=True, text=True, check=False)
+    assert left.stdout == "", f"UML processes left behind: {left.stdout}"
