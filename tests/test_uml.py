@@ -224,3 +224,19 @@ def test_launcher_stopped_by_the_batch_system_stops_the_vm(uml_user: UmlUser, ap
     assert "stopping the VM: apppot-start got SIGTERM" in err
     left = subprocess.run(["pgrep", "-u", str(uml_user.uid), "-f", "linux|slirp"], capture_output=True, text=True, check=False)
     assert left.stdout == "", f"UML processes left behind: {left.stdout}"
+
+
+def test_job_output_appears_while_the_job_runs(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+    argv = as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", uml_jobdir, "--",
+                              "sh", "-c", "echo first-line; while [ ! -e go-on ]; do sleep 0.1; done; echo second-line"])
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the job is still waiting for go-on: this line came live
+        assert line == "first-line\n" and proc.poll() is None
+        (uml_jobdir / "go-on").touch()
+        rest, _ = proc.communicate(timeout=120)
+        assert rest == "second-line\n" and proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
