@@ -247,7 +247,12 @@ class Manifest:
 
     def entry(self, path: bytes) -> Entry | None:
         record = self.records.get(path)
-        return None if record is None else parse_record(path, record)
+        if record is None:
+            return None
+        try:
+            return parse_record(path, record)
+        except (ValueError, KeyError) as exc:
+            raise DeltaError(f"the base manifest's entry for {os.fsdecode(path)!r} is malformed: {exc}") from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -259,15 +264,11 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         header, lines = split_document(data, MAGIC, where, "an apppot manifest")
-        records: dict[bytes, bytes] = {}
-        for number, line in enumerate(lines, start=3):
-            path, _, record = line.partition(b"\t")
-            try:
-                if record.count(b"\t") != 10:
-                    raise ValueError("expected 12 fields")
-                records[unescape(path)] = record
-            except ValueError as exc:
-                raise DeltaError(f"{where}:{number}: bad manifest entry: {exc}") from None
+        try:  # the ID check below guards the content; a record is parsed only when asked for
+            pairs = (line.split(b"\t", 1) for line in lines)
+            records = {(unescape(p) if b"\\" in p else p): r for p, r in pairs}
+        except ValueError as exc:
+            raise DeltaError(f"{where}: bad manifest entry: {exc}") from None
         manifest_id = entries_id(lines)
         if header.get("id") != manifest_id or header.get("entries") != len(records):
             raise DeltaError(f"{where}: manifest is corrupt (its ID or entry count does not match its entries)")

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .delta import HEADER_MAGIC, HEADER_NAME, Op, open_archive
+from .delta import HEADER_MAGIC, HEADER_NAME, open_archive
+from .diff import Op
 from .errors import BaseMismatchError, DeltaError, FsError, NoBaseError, UnsafePathError, display_path, fs_error
 from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly, parse_entry, split_document, unescape
 from .confined import Root, set_xattrs

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .delta import DEFAULT_SUFFIX, Diff, compare, compressor_for, write_delta
+from .delta import DEFAULT_SUFFIX, compressor_for, write_delta
+from .diff import Diff, compare
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table
 from .manifest import Manifest, load_base, save_base
 from .tree import Excluder, Scan

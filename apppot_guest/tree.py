@@ -9,7 +9,6 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import ConfigError, FsError, fs_error
@@ -50,13 +49,24 @@ class Excluder:
 
     def __init__(self, patterns: Iterable[bytes]) -> None:
         self.patterns = sorted(set(patterns))
-        alternatives = [b"/".join(_glob_to_regex(c) for c in p.strip(b"/").split(b"/")) for p in self.patterns]
+        self._components = [[_glob_to_regex(c) for c in p.strip(b"/").split(b"/")] for p in self.patterns]
+        alternatives = [b"/".join(parts) for parts in self._components]
         body = b"|".join(alternatives) if alternatives else b"(?!)"
         self._regex = re.compile(b"(?:" + body + b")(?:/.*)?", re.S)
 
     def __call__(self, rel: bytes) -> bool:
         return self._regex.fullmatch(rel) is not None
 
+    def in_directory(self, rel_dir: bytes) -> Callable[[bytes], bool] | None:
+        """A test for the entries of ``rel_dir`` (itself not excluded), or None when no pattern can match them.
+
+        A pattern of N components can only exclude entries at depth N: the walk
+        never enters an excluded directory, so deeper entries need no test at all.
+        """
+        depth = rel_dir.count(b"/") + 2 if rel_dir else 1
+        if not any(len(parts) == depth for parts in self._components):
+            return None
+        return self
     @classmethod
     def load(cls, root: Path, extra_files: Iterable[Path] = (), extra_paths: Iterable[Path] = ()) -> Excluder:
         """The image's exclude list (or the packaged default), plus ``extra_files`` and ``extra_paths``."""
@@ -155,9 +165,10 @@ class Scan:
                 listing = list(os.scandir(full_dir))
             except OSError as exc:
                 raise fs_error(exc, "list", full_dir) from exc
+            excluded = exclude.in_directory(rel_dir)
             for item in listing:
                 rel = rel_dir + b"/" + item.name if rel_dir else item.name
-                if exclude(rel):
+                if excluded and excluded(rel):
                     continue
                 try:
                     st = item.stat(follow_symlinks=False)
@@ -197,6 +208,8 @@ class Scan:
 
     def hash_files(self, paths: Iterable[bytes], progress: Callable[[int, int], None] | None = None) -> None:
         """Hash the regular files ``paths`` in a few threads (hashlib releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor  # only hashing needs threads
+
         todo = [p for p in paths if self.keys[p][:1] == b"f" and p not in self.digests]
         batches = [todo[i : i + 64] for i in range(0, len(todo), 64)]  # bounded: no future per file
         done_bytes = 0
