@@ -258,3 +258,12 @@ def test_oom_killed_job_without_systemd(start_job: Start, uml_jobdir: Path) -> N
     result = start_job(uml_jobdir, "python3", "-c", EAT_MEMORY, options=["--mem", "256M", "--boot", "direct"])
     record = status(uml_jobdir)
     assert (result.returncode, record["outcome"], record["oom_killed"]) == (137, "killed", True)
+
+
+def test_a_bad_delta_stops_the_job_with_125_and_says_why(start_job: Start, uml_jobdir: Path) -> None:
+    (uml_jobdir / "bad.tar.zst").write_bytes(b"this is not a delta")
+    result = start_job(uml_jobdir, "touch", "ran", options=["--changes", uml_jobdir / "bad.tar.zst"])
+    assert result.returncode == 125
+    assert status(uml_jobdir)["outcome"] == "merge-failed"
+    assert "apppot-start: error: the job did not run (merge-failed): " in result.stderr
+    assert not (uml_jobdir / "ran").exists()
