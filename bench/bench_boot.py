@@ -35,8 +35,9 @@ USER_ID = (int(os.environ.get("SUDO_UID") or 1000), int(os.environ.get("SUDO_GID
 
 
 def floor_argv(image: Path, cow: Path) -> list[str]:
-    return ["linux", f"ubd0={cow},{image}", "root=/dev/ubda", f"mem={MEM}", "con0=fd:0,fd:1", "con=null", "ssl=null",
-            "loglevel=3", "init=/bin/sh", "--", "-c", '"poweroff -f"']
+    # uml_dir as apppot-start passes it: UML panics when it cannot write ~/.uml.
+    return ["linux", f"ubd0={cow},{image}", "root=/dev/ubda", f"mem={MEM}", f"uml_dir={cow.parent}", "con0=fd:0,fd:1",
+            "con=null", "ssl=null", "loglevel=3", "init=/bin/sh", "--", "-c", '"poweroff -f"']
 
 
 def as_user(argv: list[str]) -> list[str]:
