@@ -242,9 +242,12 @@ def power_off(root: Path, pid1: bool) -> None:
     """Sync and power the machine off, so the UML process exits.
 
     As PID 1: stop all processes, remount / read-only, reboot(2) with
-    RB_POWER_OFF.  Under systemd: ``systemctl poweroff --force`` (no unit
-    stop jobs: processes are killed and file systems unmounted or remounted
-    read-only, then the kernel powers off).  Under sysvinit: ``poweroff``.
+    RB_POWER_OFF.  Under systemd: sync, remount / read-only where nothing
+    holds it open for writing, then ``systemctl poweroff --force --force``
+    (reboot(2) at once: 0.3-0.5 s faster than stopping units in UML; after the
+    sync nothing is lost, ext4's journal covers a root still mounted
+    read-write, and hostfs wrote through to the host).  Under sysvinit:
+    ``poweroff``.
     """
     os.sync()
     if pid1:
@@ -258,7 +261,13 @@ def power_off(root: Path, pid1: bool) -> None:
         _libc.reboot(ctypes.c_int(RB_POWER_OFF))
         raise FsError(f"cannot power off: {os.strerror(ctypes.get_errno())}")
     if (root / "run/systemd/system").is_dir():
-        argv = ["systemctl", "poweroff", "--force"]
+        if root == Path("/"):
+            try:
+                mount("none", root, None, MS_REMOUNT | MS_RDONLY)
+            except FsError as exc:
+                log.info("%s (the journal covers it)", exc)
+            os.sync()
+        argv = ["systemctl", "poweroff", "--force", "--force"]
     else:
         argv = ["poweroff"]
     try:
