@@ -33,6 +33,7 @@ REQUIRED_DEPENDS = {
     "python3", "python3-psutil", "python3-daemon", "screen", "sudo", "bash", "less",
     "build-essential", "gfortran", "autoconf", "automake", "libtool", "make", "git", "subversion",
     "zstd", "xz-utils",
+    "iproute2",  # the boot hook configures eth0 with ip(8) when it runs as PID 1
 }
 CONFFILES = {"/etc/apppot/exclude", "/etc/default/apppot", "/etc/apt/preferences.d/apppot", "/etc/init.d/apppot"}
 CONSOLE_UNITS = ("console-getty.service", "getty@tty0.service", "getty@tty1.service", "serial-getty@ttyS0.service")
