@@ -205,7 +205,16 @@ def maybe_sudo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     # A short-lived command that builds large acyclic tables (one entry per path):
     # the cyclic garbage collector's passes only cost time (about 5 % of a status).
+    was_enabled = gc.isenabled()
     gc.disable()
+    try:
+        return run_command(argv)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
