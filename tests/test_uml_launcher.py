@@ -145,3 +145,9 @@ def test_help_documents_exit_codes() -> None:
     assert result.returncode == 0
     for text in ("125", "124", "127", "128+N", "APPPOT_IMAGE", "--dry-run", "--changes"):
         assert text in result.stdout
+
+
+def test_batch_output_to_a_file_tells_the_guest_term_dumb(tmp_path: Path, image: Path) -> None:
+    """stdout is a pipe here, as in a batch system: programs in the guest must not draw progress."""
+    argv = dry_run("--image", image, "--jobdir", tmp_path, "--", "true", env={"TERM": "xterm-256color"})
+    assert words(argv)["TERM"] == "dumb"
