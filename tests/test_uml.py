@@ -266,3 +266,15 @@ def test_a_bad_delta_stops_the_job_with_125_and_says_why(start_job: Start, uml_j
     assert status(uml_jobdir)["outcome"] == "merge-failed"
     assert "apppot-start: error: the job did not run (merge-failed): " in result.stderr
     assert not (uml_jobdir / "ran").exists()
+
+
+def test_a_fresh_image_shows_no_changes_but_the_boots_own(start_job: Start, uml_jobdir: Path) -> None:
+    """The base was recorded in the tree, the image made by mkfs.ext4 -d: a copy, not a change.
+
+    Only what the boot itself did may show: the machine-id and the job account (/etc, /home).
+    """
+    result = start_job(uml_jobdir, "apppot-snap", "status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line[:2] in ("A ", "M ", "D ")]
+    outside = [line for line in lines if line[2:] not in ("/etc", "/home") and not line[2:].startswith(("/etc/", "/home/"))]
+    assert outside == [] and len(lines) < 40, result.stdout
