@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomicfile import write_atomic
 from .errors import ConfigError, FsError, display_path, fs_error
 from .proc import run
 
@@ -192,21 +192,14 @@ def _ensure_sudo(root: Path, name: str) -> None:
         return
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".apppot.", dir=path.parent)  # sudo ignores names with '.'
     except OSError as exc:
-        raise fs_error(exc, "write", path) from exc
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o440)
-        run(["visudo", "-cqf", tmp])
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise fs_error(exc, "write", path) from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        raise fs_error(exc, "create", path.parent) from exc
+    write_atomic(path, content.encode(), mode=0o440, check=visudo_check)
+
+
+def visudo_check(candidate: Path) -> None:
+    """Refuse a sudoers file that sudo would not parse (a broken one locks everybody out of sudo)."""
+    run(["visudo", "-cqf", candidate])
 
 
 def login_env(account: Account, term: str | None, root: Path = Path("/")) -> dict[str, str]:

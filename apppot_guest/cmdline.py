@@ -35,14 +35,13 @@ import binascii
 import dataclasses
 import logging
 import math
-import os
 import re
 import shlex
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomicfile import write_atomic
 from .errors import ConfigError, display_path, fs_error
 
 log = logging.getLogger(__name__)
@@ -357,20 +356,7 @@ def write_cmdfile(directory: Path, argv: Sequence[str], name: str = CMDFILE_NAME
     """Write ``argv`` to ``directory/name`` atomically (host side); return ``name``."""
     payload = argv_to_bytes(argv)
     BootConfig(argv=tuple(argv))  # validates: non-empty, no NUL
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    except OSError as exc:
-        raise fs_error(exc, "write the command file in", directory) from exc
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise fs_error(exc, "write", directory / name) from exc
+    write_atomic(directory / name, payload)
     return name
 
 

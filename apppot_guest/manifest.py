@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .atomicfile import write_atomic
 from .errors import DeltaError, NoBaseError, fs_error
 
 MAGIC = b"apppot-manifest 1"
@@ -290,33 +291,10 @@ def load_base(root: Path) -> Manifest:
     return Manifest.from_bytes(data, os.fspath(path))
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise fs_error(exc, "write", path) from exc
-
-
 def save_base(root: Path, manifest: Manifest) -> Path:
     path = base_path(root)
     make_dirs_quietly(path.parent)
-    atomic_write(path, manifest.to_bytes())
+    write_atomic(path, manifest.to_bytes())
     return path
 
 

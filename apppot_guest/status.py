@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .atomicfile import write_atomic
 from .errors import FsError, fs_error
 from .job import JobResult
 
@@ -107,36 +107,10 @@ def write_status(jobdir: Path, status: Status) -> Path:
     if status.command is not None:
         data["command"] = _display_argv(status.command)
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(jobdir / STATUS_FILE, text.encode("utf-8", "surrogateescape"))
-    _write_atomic(jobdir / EXITCODE_FILE, f"{status.exit_code}\n".encode("ascii"))
-    try:
-        dirfd = os.open(jobdir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-    except OSError as exc:  # hostfs may not support fsync on a directory
-        log.debug("cannot fsync %s: %s", jobdir, exc)
+    write_atomic(jobdir / STATUS_FILE, text.encode("utf-8", "surrogateescape"))
+    write_atomic(jobdir / EXITCODE_FILE, f"{status.exit_code}\n".encode("ascii"))
     log.info("status: %s, exit code %d (%s)", status.outcome, status.exit_code, jobdir / STATUS_FILE)
     return jobdir / STATUS_FILE
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise fs_error(exc, "write", path) from exc
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise fs_error(exc, "write", path) from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def read_status(jobdir: Path) -> dict[str, object]:
