@@ -14,16 +14,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import pwd
 import shutil
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from apppot_guest.account import Account
+from fixtures_user import temporary_user
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 SCRIPTS = CHECKOUT / "scripts"
@@ -82,14 +83,6 @@ def apppot_image(apppot_deb: Path, uml_home: Path) -> Path:
     return image
 
 
-@dataclass(frozen=True, slots=True)
-class UmlUser:
-    name: str
-    uid: int
-    gid: int
-    home: Path
-
-
 @pytest.fixture(scope="session")
 def uml_home() -> Iterator[Path]:
     """A temporary directory other users can traverse, for the test user's home and the image."""
@@ -102,26 +95,14 @@ def uml_home() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def uml_user(uml_home: Path) -> Iterator[UmlUser]:
+def uml_user(uml_home: Path) -> Iterator[Account]:
     """A real unprivileged account on the test machine that runs apppot-start."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a temporary user")
-    used = {p.pw_uid for p in pwd.getpwall()}
-    uid = next(n for n in range(24000, 60000) if n not in used)
-    name = f"apppot-u{uid}"
-    subprocess.run(["useradd", "--uid", str(uid), "--user-group", "--home-dir", os.fspath(uml_home),
-                    "--create-home", "--shell", "/bin/sh", name], check=True)
-    entry = pwd.getpwnam(name)
-    try:
-        yield UmlUser(name, entry.pw_uid, entry.pw_gid, uml_home)
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", str(uid)], check=False)
-        subprocess.run(["userdel", name], check=False)
-        subprocess.run(["groupdel", name], check=False, stderr=subprocess.DEVNULL)
+    with temporary_user("apppot-u", uml_home) as account:
+        yield account
 
 
 @pytest.fixture
-def uml_jobdir(uml_user: UmlUser) -> Iterator[Path]:
+def uml_jobdir(uml_user: Account) -> Iterator[Path]:
     """A fresh job directory owned by the test user."""
     path = Path(tempfile.mkdtemp(prefix="job-", dir=uml_user.home))
     os.chown(path, uml_user.uid, uml_user.gid)
@@ -129,14 +110,14 @@ def uml_jobdir(uml_user: UmlUser) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def as_user(user: UmlUser, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+def as_user(user: Account, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
     """``argv`` run as ``user`` with a clean login-like environment."""
     return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--reset-env",
             *map(os.fspath, argv)]
 
 
 @pytest.fixture
-def start_job(uml_user: UmlUser, apppot_image: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+def start_job(uml_user: Account, apppot_image: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """``start_job(jobdir, *prog, options=[...])``: run apppot-start as the test user, wait, return the result."""
 
     def start(jobdir: Path, *prog: str, options: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -33,14 +34,13 @@ def shared_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def job_user(shared_tmp: Path) -> Iterator[Account]:
-    """A real account (own group, home under a temporary directory) to run jobs as."""
+@contextlib.contextmanager
+def temporary_user(prefix: str, home: Path) -> Iterator[Account]:
+    """A real account with its own group and its home at ``home``; removed, with its processes, afterwards."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create a temporary user")
     ident = free_id()
-    name = f"apppot-t{ident}"
-    home = shared_tmp / name
+    name = f"{prefix}{ident}"
     subprocess.run(["groupadd", "--gid", str(ident), name], check=True)
     subprocess.run(
         ["useradd", "--uid", str(ident), "--gid", str(ident), "--home-dir", str(home), "--create-home",
@@ -48,11 +48,18 @@ def job_user(shared_tmp: Path) -> Iterator[Account]:
         check=True,
     )
     try:
-        yield Account(name, ident, name, ident, Path(home), "/bin/sh", ())
+        yield Account(name, ident, name, ident, home, "/bin/sh", ())
     finally:
         subprocess.run(["pkill", "-KILL", "-u", str(ident)], check=False)
         subprocess.run(["userdel", name], check=False)
         subprocess.run(["groupdel", name], check=False, stderr=subprocess.DEVNULL)  # userdel may have removed it
+
+
+@pytest.fixture(scope="session")
+def job_user(shared_tmp: Path) -> Iterator[Account]:
+    """A real account (own group, home under a temporary directory) to run jobs as."""
+    with temporary_user("apppot-t", shared_tmp / "job-user") as account:
+        yield account
 
 
 @pytest.fixture

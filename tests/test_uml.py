@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_uml import LAUNCHER, PYTHON, UmlUser, as_user
+from apppot_guest.account import Account
+from fixtures_uml import LAUNCHER, PYTHON, as_user
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def sha256(path: Path) -> str:
     ],
     ids=["0", "7", "signal", "not-found", "timeout"],
 )
-def test_exit_codes_reach_the_launcher(start_job: Start, uml_jobdir: Path, uml_user: UmlUser,
+def test_exit_codes_reach_the_launcher(start_job: Start, uml_jobdir: Path, uml_user: Account,
                                        prog: list[str], options: list[str], code: int, outcome: str) -> None:
     result = start_job(uml_jobdir, *prog, options=options)
     assert result.returncode == code, result.stderr
@@ -63,7 +64,7 @@ def test_exit_codes_reach_the_launcher(start_job: Start, uml_jobdir: Path, uml_u
         assert "job-output\n" in result.stdout
 
 
-def test_argv_cwd_ownership_and_a_real_systemd_boot(start_job: Start, uml_jobdir: Path, uml_user: UmlUser) -> None:
+def test_argv_cwd_ownership_and_a_real_systemd_boot(start_job: Start, uml_jobdir: Path, uml_user: Account) -> None:
     nasty = ["two words", "quote\"s", "it's", "$HOME `id`", "", "ünïcödé ☃", "back\\slash", ";|&", "*"]
     (uml_jobdir / "sub").mkdir()
     os.chown(uml_jobdir / "sub", uml_user.uid, uml_user.gid)
@@ -81,7 +82,7 @@ def test_argv_cwd_ownership_and_a_real_systemd_boot(start_job: Start, uml_jobdir
 
 
 def test_user_story_change_snapshot_and_rerun_on_the_pristine_base(
-        start_job: Start, uml_jobdir: Path, uml_user: UmlUser, apppot_image: Path) -> None:
+        start_job: Start, uml_jobdir: Path, uml_user: Account, apppot_image: Path) -> None:
     before = sha256(apppot_image)
     (uml_jobdir / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("hello from the delta"); return 3; }\n')
     build = ("set -e; gcc -o hello hello.c; sudo install -m 755 hello /usr/local/bin/hello; "
@@ -114,7 +115,7 @@ def test_user_story_change_snapshot_and_rerun_on_the_pristine_base(
     assert sha256(apppot_image) == before, "the base image changed"
 
 
-def test_four_jobs_at_once_on_one_read_only_base(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+def test_four_jobs_at_once_on_one_read_only_base(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
     assert not os.access(apppot_image, os.W_OK) or os.stat(apppot_image).st_uid != uml_user.uid
     procs = []
     for n in range(4):
@@ -140,7 +141,7 @@ def test_vm_ending_without_a_status_exits_125_with_the_console_tail(start_job: S
     assert "the VM ended without a job status" in result.stderr.splitlines()[-1]
 
 
-def test_hostfs_reaches_only_the_job_directory(start_job: Start, uml_jobdir: Path, uml_user: UmlUser) -> None:
+def test_hostfs_reaches_only_the_job_directory(start_job: Start, uml_jobdir: Path, uml_user: Account) -> None:
     (uml_jobdir / "inside").mkdir()
     (uml_jobdir / "inside" / "marker").write_text("in the job dir\n")
     (uml_user.home / "outside-marker").write_text("must not be seen\n")
@@ -176,7 +177,7 @@ def wait_for_pane(session: str, predicate: Callable[[str], bool], timeout: float
     raise AssertionError(f"tmux pane never matched; it shows:\n{text}")
 
 
-def test_interactive_session_through_tmux(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+def test_interactive_session_through_tmux(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
     session = f"apppot-test-{os.getpid()}"
     launch = shlex.join(as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", uml_jobdir]))
     shell = f"cd {shlex.quote(os.fspath(uml_jobdir))} && TERM=xterm {launch}; echo LAUNCHER-EXIT=$?; sleep 600"
@@ -210,7 +211,7 @@ def test_network_through_slirp_and_without(start_job: Start, uml_jobdir: Path) -
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_launcher_stopped_by_the_batch_system_stops_the_vm(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+def test_launcher_stopped_by_the_batch_system_stops_the_vm(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
     argv = as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", uml_jobdir, "--",
                               "sh", "-c", "touch started; sleep 300"])
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -226,7 +227,7 @@ def test_launcher_stopped_by_the_batch_system_stops_the_vm(uml_user: UmlUser, ap
     assert left.stdout == "", f"UML processes left behind: {left.stdout}"
 
 
-def test_job_output_appears_while_the_job_runs(uml_user: UmlUser, apppot_image: Path, uml_jobdir: Path) -> None:
+def test_job_output_appears_while_the_job_runs(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
     argv = as_user(uml_user, [PYTHON, LAUNCHER, "--image", apppot_image, "--jobdir", uml_jobdir, "--",
                               "sh", "-c", "echo first-line; while [ ! -e go-on ]; do sleep 0.1; done; echo second-line"])
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
