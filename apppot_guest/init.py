@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import traceback
 from dataclasses import dataclass
@@ -186,6 +185,8 @@ def _autorun(account: Account, user_job: Path | None) -> tuple[str, ...] | None:
 def _interactive(account: Account, env: dict[str, str], layout: Layout, started: datetime) -> JobResult:
     """No command: screen running bash as the user on the console, no login prompt."""
     bash = "/bin/bash" if layout.path("/bin/bash").exists() else account.shell
+    import shutil  # only the interactive session needs it
+
     screen = shutil.which("screen", path=env["PATH"])
     argv = [screen, "-q", "-S", "apppot", bash, "-l"] if screen else [bash, "-l"]
     log.info("no command: starting %s on %s", " ".join(argv), layout.console)

@@ -12,7 +12,6 @@ import ctypes
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -164,6 +163,8 @@ def network_up() -> None:
 
     The same as the image's apppot-network.service does under systemd.
     """
+    import shutil  # only PID 1 sets up the network; shutil is slow to import in UML
+
     ip = shutil.which("ip", path=SYSTEM_PATH)
     if ip is None:
         log.info("no ip command (iproute2): the network is not configured")
