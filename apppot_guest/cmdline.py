@@ -37,8 +37,9 @@ import logging
 import math
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from .atomicfile import write_atomic
@@ -101,24 +102,10 @@ class BootConfig:
         words: list[str] = []
         if self.argv is not None:
             words.append(f"{PREFIX}cmd={encode_argv(self.argv)}")
-        if self.cmdfile is not None:
-            words.append(f"{PREFIX}cmdfile={self.cmdfile}")
-        for key in ("cwd", "user"):
+        for key, encode in KERNEL_FIELDS:
             value = getattr(self, key)
             if value is not None:
-                words.append(f"{PREFIX}{key}={encode_value(value)}")
-        if self.uid is not None:
-            words.append(f"{PREFIX}uid={self.uid}")
-        if self.group is not None:
-            words.append(f"{PREFIX}group={encode_value(self.group)}")
-        if self.gid is not None:
-            words.append(f"{PREFIX}gid={self.gid}")
-        for key in ("jobdir", "tmpdir", "changes"):
-            value = getattr(self, key)
-            if value is not None:
-                words.append(f"{PREFIX}{key}={encode_value(value)}")
-        if self.timeout is not None:
-            words.append(f"{PREFIX}timeout={format_seconds(self.timeout)}")
+                words.append(f"{PREFIX}{key}={encode(value)}")
         if self.term is not None:
             words.append(f"TERM={self.term}")
         return words
@@ -229,6 +216,21 @@ def decode_value(value: str, key: str) -> str:
 
 def format_seconds(seconds: float) -> str:
     return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
+
+
+# The apppot.* words after apppot.cmd, in the order the host writes them, with their encoders.
+KERNEL_FIELDS: tuple[tuple[str, Callable[[Any], str]], ...] = (
+    ("cmdfile", str),
+    ("cwd", encode_value),
+    ("user", encode_value),
+    ("uid", str),
+    ("group", encode_value),
+    ("gid", str),
+    ("jobdir", encode_value),
+    ("tmpdir", encode_value),
+    ("changes", encode_value),
+    ("timeout", format_seconds),
+)
 
 
 # -- the kernel's word splitting ---------------------------------------------
