@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 deps:
 	./scripts/install-deps
 
-check: deps
+check: deps kernel
 	$(PY) -m pytest tests
 
 check-fast: deps
@@ -27,6 +27,12 @@ clean:
 .PHONY: deb
 deb: deps
 	$(PY) scripts/build-deb
+
+# AppPot's static UML kernel: out/linux (scripts/build-kernel; cached under
+# ~/.cache/apppot/kernel, so this is quick once built).
+.PHONY: kernel
+kernel: deps
+	$(PY) scripts/build-kernel
 
 # The AppPot image and the host launcher (docs/host.md).  `make image` always
 # rebuilds; `demo` and `bench-boot` build it only when it is missing.
@@ -44,7 +50,7 @@ image: deps
 $(IMAGE):
 	$(MAKE) image IMAGE=$(IMAGE)
 
-demo: deps $(IMAGE)
+demo: deps kernel $(IMAGE)
 	@mkdir -p $(DEMO_DIR)
 	@chown $(DEMO_UID):$(DEMO_GID) $(DEMO_DIR)
 	@printf '%s\n' '#include <stdio.h>' 'int main(void) { puts("hello from a program compiled inside AppPot"); return 3; }' > $(DEMO_DIR)/hello.c
@@ -53,5 +59,5 @@ demo: deps $(IMAGE)
 	  echo "demo: apppot-start exited with $$? (the job's own exit code); $(DEMO_DIR)/apppot.status.json says:"
 	@cat $(DEMO_DIR)/apppot.status.json
 
-bench-boot: deps $(IMAGE)
+bench-boot: deps kernel $(IMAGE)
 	$(PY) bench/bench_boot.py --image $(IMAGE) --write docs/benchmarks.md

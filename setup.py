@@ -42,6 +42,8 @@ setup(
         ("/etc/apppot", ["etc/apppot/exclude"]),
         ("/etc/default", ["etc/default/apppot"]),
         ("/etc/apt/preferences.d", ["etc/apt/preferences.d/apppot"]),
+        # Not configuration: programs the boot runs.
+        ("/usr/lib/apppot", ["usr/lib/apppot/network-up"]),
     ],
     python_requires=">=3.11",
     entry_points={

@@ -26,7 +26,7 @@ from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_jobdir
 from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
 from .status import Status, status_of, write_status
-from .system import Mounter, dpkg_running, early_mounts, network_up, power_off, reap_orphans
+from .system import Mounter, dpkg_running, early_mounts, network_interfaces, network_up, power_off, reap_orphans
 
 log = logging.getLogger("apppot-init")
 
@@ -91,6 +91,7 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             account.name if account else config.user,
             account.uid if account else config.uid,
             account.gid if account else config.gid,
+            network_interfaces(layout.path("/sys/class/net")),
         )
         if have_jobdir:
             try:

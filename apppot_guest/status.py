@@ -43,6 +43,7 @@ FIELDS = (
     "cpu_system_seconds",
     "max_rss_kib",
     "oom_killed",
+    "network",
     "apppot_version",
 )
 
@@ -67,6 +68,7 @@ class Status:
     cpu_system_seconds: float
     max_rss_kib: int
     oom_killed: bool
+    network: tuple[str, ...]  # the guest's network interfaces besides lo when the job started
     apppot_version: str = __version__
 
     def to_json(self) -> dict[str, object]:
@@ -87,6 +89,7 @@ class Status:
             "cpu_system_seconds": self.cpu_system_seconds,
             "max_rss_kib": self.max_rss_kib,
             "oom_killed": self.oom_killed,
+            "network": list(self.network),
             "apppot_version": self.apppot_version,
         }
 
@@ -148,6 +151,7 @@ def status_of(
     user: str | None,
     uid: int | None,
     gid: int | None,
+    network: Sequence[str] = (),
 ) -> Status:
     """The record for a job's result and what was asked for."""
     return Status(
@@ -167,4 +171,5 @@ def status_of(
         cpu_system_seconds=result.cpu_system_seconds,
         max_rss_kib=result.max_rss_kib,
         oom_killed=result.oom_killed,
+        network=tuple(network),
     )

@@ -33,9 +33,7 @@ MS_BIND = 4096
 MNT_DETACH = 2
 RB_POWER_OFF = 0x4321FEDC
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# UML's slirp network (eth0=slirp,...): fixed addresses, DNS at 10.0.2.3 (the image's resolv.conf).
-SLIRP_ADDRESS = "10.0.2.15/24"
-SLIRP_GATEWAY = "10.0.2.2"
+NETWORK_UP = "/usr/lib/apppot/network-up"  # the guest's network set-up (slirp's fixed addresses)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -159,29 +157,23 @@ def early_mounts(root: Path) -> None:
 
 
 def network_up() -> None:
-    """As PID 1 in the VM: loopback up, and eth0 with slirp's addresses when UML has one.
+    """As PID 1 in the VM: the same network set-up as apppot-network.service under systemd.
 
-    The same as the image's apppot-network.service does under systemd.
+    One script for both (``NETWORK_UP``, shipped in the package): it configures
+    whatever interface UML gave the guest, or only lo when there is none.
     """
-    import shutil  # only PID 1 sets up the network; shutil is slow to import in UML
+    try:
+        run(["/bin/sh", NETWORK_UP])
+    except ToolError as exc:
+        log.warning("network: %s", exc)
 
-    ip = shutil.which("ip", path=SYSTEM_PATH)
-    if ip is None:
-        log.info("no ip command (iproute2): the network is not configured")
-        return
-    steps = [[ip, "link", "set", "lo", "up"]]
-    if Path("/sys/class/net/eth0").exists():
-        steps += [
-            [ip, "link", "set", "eth0", "up"],
-            [ip, "address", "add", SLIRP_ADDRESS, "dev", "eth0"],
-            [ip, "route", "add", "default", "via", SLIRP_GATEWAY, "dev", "eth0"],
-        ]
-    for argv in steps:
-        try:
-            run(argv)
-        except ToolError as exc:
-            log.warning("network: %s", exc)
-            return
+
+def network_interfaces(sys_class_net: Path) -> list[str]:
+    """The network interfaces besides lo (what the job could reach the network through)."""
+    try:
+        return sorted(name for name in os.listdir(sys_class_net) if name != "lo")
+    except OSError:
+        return []
 
 
 def dpkg_running(root: Path) -> str | None:

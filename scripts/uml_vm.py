@@ -30,6 +30,16 @@ log = logging.getLogger("apppot-start")
 TAIL_KEPT = 400  # console lines kept for the report when the VM ends without a status
 TAIL_LINES = 20
 PANIC_RE = re.compile(rb"Kernel panic|Out of memory|BUG:|Oops")
+# Known ways a UML kernel dies, and what to do about each ({kernel}: the kernel's path).
+DIAGNOSES = (
+    (re.compile(rb"ptrace (set|get) fp ?regs failed"),
+     "the UML kernel {kernel} cannot run a process on this CPU: the host's FPU state (e.g. Intel AMX) is larger "
+     "than this kernel expects ('ptrace set fp regs failed'); use AppPot's own kernel (make kernel, or leave out "
+     "--linux and $APPPOT_KERNEL)"),
+    (re.compile(rb"must be not mounted noexec|mmap.*Operation not permitted"),
+     "UML cannot map its memory file executable: its temporary directory is mounted noexec; set TMPDIR to a "
+     "directory on a file system mounted without noexec"),
+)
 KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the VM must be stopped
 # Lines the kernel and UML print while powering off: not the job's output.
 # (UML reports slirp's exit status 1 as it stops it: "helper_wait : process N ...")
@@ -41,6 +51,7 @@ class ConsoleFilter:
 
     def __init__(self, out: int) -> None:
         self.out = out
+        self.diagnosis: str | None = None  # the first known way of dying seen on the console
         self.partial = b""
         self.tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_KEPT)
 
@@ -52,6 +63,8 @@ class ConsoleFilter:
         for line in lines:
             line = line.rstrip(b"\r")
             self.tail.append(line[-512:])
+            if self.diagnosis is None:
+                self.diagnosis = diagnose(line)
             if not KERNEL_POWEROFF_LINES.fullmatch(line):
                 kept.append(line + b"\n")
         self._write(b"".join(kept))
@@ -81,6 +94,11 @@ class ConsoleFilter:
                 self.out = -1  # nobody reads our stdout any more: the job still runs to its end
 
 
+def diagnose(line: bytes) -> str | None:
+    """What a console or UML log line says about why the kernel died (None: nothing known)."""
+    return next((message for pattern, message in DIAGNOSES if pattern.search(line)), None)
+
+
 @contextlib.contextmanager
 def terminal_restored(fd: int) -> Iterator[None]:
     """Give the terminal back as it was: UML sets it raw and non-blocking."""
@@ -101,8 +119,11 @@ def terminal_restored(fd: int) -> Iterator[None]:
 class Vm:
     """One UML process group, stopped for good when the launcher leaves."""
 
-    def __init__(self, argv: Sequence[str], interactive: bool, time_limit: float | None) -> None:
+    def __init__(self, argv: Sequence[str], interactive: bool, time_limit: float | None,
+                 env: dict[str, str] | None = None) -> None:
         self.argv = tuple(argv)
+        self.env = dict(env or {})  # added to our environment for UML
+        self.diagnosis: str | None = None  # a known way of dying, from the console or UML's messages
         self.interactive = interactive  # UML gets the terminal itself, else its console is piped through us
         self.time_limit = time_limit  # seconds after which the VM is stopped (None: never)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -126,7 +147,7 @@ class Vm:
 
     def run(self) -> tuple[int, bytes]:
         """Boot, pass the console through, wait; return UML's exit status and the console tail."""
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.pop("DISPLAY", None)  # UML never opens an xterm for a console
         if self.interactive:
             return self._run_on_terminal(env), b""
@@ -169,9 +190,12 @@ class Vm:
                 else:
                     log.debug("uml: %s", data.decode("utf-8", "replace").rstrip())
                     uml_log.extend(data.splitlines()[-TAIL_LINES:])
+                    for line in data.splitlines():
+                        self.diagnosis = self.diagnosis or diagnose(line)
 
         code = self._wait(pump, lambda: open_streams > 0)
         console.close()
+        self.diagnosis = self.diagnosis or console.diagnosis
         sel.close()
         return code, b"\n".join(console_report(list(console.tail), list(uml_log)))
 

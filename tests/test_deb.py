@@ -393,7 +393,8 @@ def test_mkrootfs_bad_arguments(tmp_path: Path, args: list[str], message: str) -
 def test_build_deb_refuses_a_conffile_that_differs_from_the_default_list(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
-    subprocess.run(["cp", "-a", *[CHECKOUT / i for i in ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "debian")], source],
+    subprocess.run(["cp", "-a", *[CHECKOUT / i for i in ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "usr", "debian")],
+                    source],
                    check=True)
     for unit in ("apppot.service", "apppot.init"):  # present or not in the checkout: not what is tested here
         (source / "debian" / unit).touch()

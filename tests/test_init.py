@@ -418,24 +418,27 @@ def test_bad_defaults_file_is_setup_failed(scratch: tuple[Path, Path, int]) -> N
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare(1) and ip(8)")
-def test_pid1_network_is_slirps(tmp_path: Path) -> None:
-    """In a fresh network namespace with an eth0 (a veth standing in for UML's slirp interface)."""
-    setup = (
-        "set -e; mount -t sysfs sysfs /sys; ip link add eth0 type veth peer name eth1; "
-        f"{PY} -c 'from apppot_guest.system import network_up; network_up()'; "
-        "ip -o link show lo; ip -o -4 address show eth0; ip route show default"
-    )
+@pytest.mark.parametrize("interface", ["vec0", "eth0", None])
+def test_network_up_configures_whatever_interface_the_guest_has(interface: str | None) -> None:
+    """The package's network-up script (run by apppot-network.service and by apppot-init as PID 1),
+    in a fresh network namespace with a veth standing in for UML's interface, or none at all."""
     probe = subprocess.run(["unshare", "--net", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
                            capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"no veth interfaces here: {probe.stderr.strip()}")
+    make = f"ip link add {interface} type veth peer name zzpeer; " if interface else ""
+    setup = (f"set -e; mount -t sysfs sysfs /sys; {make}sh usr/lib/apppot/network-up; "
+             "ip -o link show lo; ip -o -4 address show; ip route show default")
     out = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", setup],
                          capture_output=True, text=True, env=ENV, cwd=REPO, check=False)
     assert out.returncode == 0, out.stderr
-    lo, eth0, route = out.stdout.splitlines()
-    assert ",UP" in lo
-    assert "inet 10.0.2.15/24" in eth0
-    assert route.startswith("default via 10.0.2.2 dev eth0")
+    lines = out.stdout.splitlines()
+    assert ",UP" in lines[0]
+    if interface is None:
+        assert len(lines) == 2 and "127.0.0.1" in lines[1], out.stdout  # lo only, no default route
+    else:
+        assert any(f"{interface}    inet 10.0.2.15/24" in line for line in lines), out.stdout
+        assert lines[-1].startswith(f"default via 10.0.2.2 dev {interface}")
 
 
 def test_account_keeps_the_packages_sudo_rule_for_the_same_user(scratch: tuple[Path, Path, int]) -> None:

@@ -43,6 +43,7 @@ def test_every_field_is_written(tmp_path: Path) -> None:
         "cpu_system_seconds": 0.5,
         "max_rss_kib": 2048,
         "oom_killed": False,
+        "network": [],
         "apppot_version": __version__,
     }
     assert (tmp_path / EXITCODE_FILE).read_text() == "7\n"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 Start = Callable[..., subprocess.CompletedProcess[str]]
 STATUS_FIELDS = {
     "exit_code", "signal", "outcome", "error", "command", "cwd", "user", "uid", "gid", "started_at", "finished_at",
-    "wall_seconds", "cpu_user_seconds", "cpu_system_seconds", "max_rss_kib", "oom_killed", "apppot_version",
+    "wall_seconds", "cpu_user_seconds", "cpu_system_seconds", "max_rss_kib", "oom_killed", "network", "apppot_version",
 }
 
 

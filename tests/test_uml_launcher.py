@@ -52,7 +52,7 @@ def test_dry_run_read_only_image_gets_a_per_run_cow_and_the_argv_round_trips(tmp
     assert backing == os.fspath(image.resolve()) and cow.endswith("/cow") and cow != backing
     assert w["hostfs"] == os.fspath(jobdir.resolve())
     assert w["root"] == "/dev/ubda" and w["con0"] == "fd:0,fd:1" and w["con"] == "null"
-    assert w["eth0"] == "slirp,,/usr/bin/slirp-fullbolt"
+    assert w["vec0:transport"] == "vde,vnl=slirp://"
     assert w["systemd.unit"] == "apppot-batch.target"
     assert all(" " not in a for a in argv), "every word must survive UML joining them with spaces"
     config = parse_cmdline(" ".join(argv[1:]))
@@ -75,7 +75,7 @@ def test_dry_run_options_and_environment_defaults(tmp_path: Path, image: Path) -
     w = words(argv)
     assert argv[0] == "/usr/bin/linux"
     assert w["mem"] == "768M" and w["umid"] == "job42" and w["foo"] == "bar" and w["init"] == "/usr/sbin/apppot-init"
-    assert "eth0" not in w and "systemd.unit" not in w
+    assert not any(word.startswith("vec") for word in argv) and "systemd.unit" not in w
     config = parse_cmdline(" ".join(argv[1:]))
     assert config.timeout == 30 and config.cwd == "/tmp" and config.argv == ("true",)
     # No PROG: an interactive session, booted fully by default.
@@ -115,7 +115,6 @@ def test_long_command_goes_to_a_command_file(tmp_path: Path, image: Path) -> Non
         (["--jobdir", "/nonexistent-dir", "true"], "not a directory"),
         (["--changes", "/nonexistent.tar.zst", "true"], "changes /nonexistent.tar.zst: no such file"),
         (["--linux", "/nonexistent/linux", "true"], "UML kernel /nonexistent/linux: not found"),
-        (["--slirp", "/nonexistent/slirp", "true"], "slirp /nonexistent/slirp: not executable"),
         (["--timeout", "-3", "true"], "not a positive number of seconds"),
     ],
 )
@@ -138,6 +137,33 @@ def test_path_with_space_is_refused(tmp_path: Path, image: Path) -> None:
 def test_no_image_at_all(tmp_path: Path) -> None:
     result = launcher("--jobdir", tmp_path, "true")
     assert (result.returncode, result.stderr) == (2, "apppot-start: error: no image: give --image PATH or set APPPOT_IMAGE\n")
+
+
+def test_kernel_next_to_the_image_is_found_and_an_explicit_one_wins(tmp_path: Path, image: Path) -> None:
+    """As the original AppPot shipped them: the image with its kernel beside it."""
+    beside = tmp_path / "linux"
+    beside.write_bytes(b"#!/bin/sh\n")
+    beside.chmod(0o755)
+    env = {"APPPOT_KERNEL": ""}
+    assert dry_run("--image", image, "--jobdir", tmp_path, "true", env=env)[0] == os.fspath(beside)
+    assert dry_run("--image", image, "--jobdir", tmp_path, "--linux", "/bin/true", "true")[0] == "/bin/true"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    image.rename(other / "base.img")
+    argv = dry_run("--image", other / "base.img", "--jobdir", tmp_path, "true", env=env)
+    assert argv[0] != os.fspath(beside) and Path(argv[0]).name == "linux"
+
+
+def test_network_needs_vde_plug_and_says_how_to_get_it(tmp_path: Path, image: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    result = launcher("--image", image, "--jobdir", tmp_path, "--linux", "/bin/true", "true", env={"PATH": os.fspath(bin_dir)})
+    assert result.returncode == 2
+    assert result.stderr == ("apppot-start: error: network: vde_plug not found "
+                             "(install vdeplug and libvdeplug-slirp, or use --no-network)\n")
+    result = launcher("--image", image, "--jobdir", tmp_path, "--linux", "/bin/true", "--no-network", "--dry-run", "true",
+                      env={"PATH": os.fspath(bin_dir)})
+    assert result.returncode == 0, result.stderr
 
 
 def test_help_documents_exit_codes() -> None:
