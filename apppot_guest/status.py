@@ -68,7 +68,7 @@ class Status:
     cpu_system_seconds: float
     max_rss_kib: int
     oom_killed: bool
-    network: tuple[str, ...]  # the guest's network interfaces besides lo when the job started
+    network: tuple[str, ...]  # the network interfaces besides lo that were up when the job ended
     apppot_version: str = __version__
 
     def to_json(self) -> dict[str, object]:

@@ -169,11 +169,20 @@ def network_up() -> None:
 
 
 def network_interfaces(sys_class_net: Path) -> list[str]:
-    """The network interfaces besides lo (what the job could reach the network through)."""
+    """The network interfaces besides lo that are up (what the job can reach the network through)."""
     try:
-        return sorted(name for name in os.listdir(sys_class_net) if name != "lo")
+        names = sorted(name for name in os.listdir(sys_class_net) if name != "lo")
     except OSError:
         return []
+    up = []
+    for name in names:
+        try:
+            flags = int((sys_class_net / name / "flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & 0x1:  # IFF_UP: network-up could configure it
+            up.append(name)
+    return up
 
 
 def dpkg_running(root: Path) -> str | None:

@@ -36,7 +36,7 @@ DIAGNOSES = (
      "the UML kernel {kernel} cannot run a process on this CPU: the host's FPU state (e.g. Intel AMX) is larger "
      "than this kernel expects ('ptrace set fp regs failed'); use AppPot's own kernel (make kernel, or leave out "
      "--linux and $APPPOT_KERNEL)"),
-    (re.compile(rb"must be not mounted noexec|mmap.*Operation not permitted"),
+    (re.compile(rb"must be not mounted noexec"),
      "UML cannot map its memory file executable: its temporary directory is mounted noexec; set TMPDIR to a "
      "directory on a file system mounted without noexec"),
 )

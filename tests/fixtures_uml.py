@@ -6,7 +6,8 @@ contents (not its build timestamps) and by build-image itself, so a change to
 either rebuilds it and an unchanged checkout reuses it.  Tests see it as a
 root-owned, read-only file in a directory the test user can reach, as a
 shared base image is on a cluster.  ``uml_user`` is a temporary account;
-``start_job`` runs scripts/apppot-start as that account.
+``start_job`` runs scripts/apppot-start as that account; it boots AppPot's
+own kernel (``uml_kernel``), which apppot-start finds in the checkout's out/.
 """
 
 from __future__ import annotations
@@ -57,7 +58,18 @@ def deb_content_key(deb: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def apppot_image(apppot_deb: Path, uml_home: Path) -> Path:
+def uml_kernel() -> Path:
+    """AppPot's static kernel, built by scripts/build-kernel (cached) into out/linux, where apppot-start finds it."""
+    result = subprocess.run([PYTHON, SCRIPTS / "build-kernel"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, f"build-kernel failed:\n{result.stderr[-4000:]}"
+    kernel = Path(result.stdout.strip())
+    assert kernel == CHECKOUT / "out" / "linux" and os.access(kernel, os.X_OK)
+    return kernel
+
+
+@pytest.fixture(scope="session")
+def apppot_image(apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> Path:
     """The image (read-only, root-owned) in a directory the test user can read."""
     images = cache_dir() / "images"
     images.mkdir(parents=True, exist_ok=True)
