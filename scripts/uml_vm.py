@@ -147,6 +147,7 @@ class Vm:
 
     def run(self) -> tuple[int, bytes]:
         """Boot, pass the console through, wait; return UML's exit status and the console tail."""
+        become_subreaper()
         env = {**os.environ, **self.env}
         env.pop("DISPLAY", None)  # UML never opens an xterm for a console
         if self.interactive:
@@ -223,7 +224,33 @@ class Vm:
             elif not exited:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=0.2)
+        reap_orphans(KILL_GRACE)
         return self.proc.returncode
+
+
+def become_subreaper() -> None:
+    """Adopt what UML leaves behind: its helpers (vde_plug) outlive it by a moment and become our children,
+    so we reap them instead of leaving zombies to an init that may not (containers, batch-system sandboxes)."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.debug("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
+
+
+def reap_orphans(within: float) -> None:
+    """Wait for UML's helpers, killed with its process group, to be gone; at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no child left
+        if pid == 0:
+            if time.monotonic() > deadline:
+                log.warning("a helper of UML is still running after %.0f s", within)
+                return
+            time.sleep(0.01)
 
 
 def console_report(console: list[bytes], uml_log: list[bytes]) -> list[bytes]:

@@ -32,7 +32,7 @@ PYTHON = "/usr/bin/python3"
 # so the image and these tests pay for one cold tree.  minbase has no init system.
 IMAGE_PACKAGES = ("systemd-sysv", "build-essential", "iproute2")
 # What scripts/build-deb reads from a source tree.
-SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "debian")
+SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "usr", "debian")
 
 
 def load_script(name: str) -> ModuleType:
