@@ -3,10 +3,11 @@
 ``APPPOT_TEST_FAULT=POINT:N:ACTION`` (read here and nowhere else) acts when the
 process reaches ``POINT`` for the N-th time (counting from 1).  POINTs are
 named where the code calls ``reached()``: ``rename`` (each rename that makes a
-file visible: a merged entry, a manifest), ``write`` (each write to a delta
-being made), ``locked`` (the root's lock was just taken), ``scanned`` (a base
-walked the tree and is about to read the files), ``staged`` (a merge checked
-and staged everything and is about to change the root).  ACTIONs:
+file visible: a merged entry, a manifest, a delta), ``write`` (each write to
+a delta being made), ``locked`` (the root's lock was just taken), ``scanned``
+(the tree was walked; its files are about to be read), ``stage`` (a merge is
+about to stage a file's content), ``staged`` (a merge checked and staged
+everything and is about to change the root).  ACTIONs:
 
 - ``kill``: SIGKILL, as a crash or the OOM killer would;
 - ``int``: SIGINT to the process itself, as Ctrl-C would;

@@ -223,6 +223,7 @@ class Merge:
             return
         reader = tar.extractfile(member)
         assert reader is not None
+        faults.reached("stage")
         fd = -1
         staged = b"%d" % len(self.staged)
         if not self.dry_run:

@@ -83,6 +83,7 @@ def scan_tree(root: Path, exclude: Excluder, progress: Progress) -> Scan:
     scan = Scan(root, exclude, progress)
     for leftover in scan.temporaries:
         remove_leftover(leftover)
+    faults.reached("scanned")
     return scan
 
 
@@ -98,7 +99,6 @@ def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Exclude
 def cmd_base(args: argparse.Namespace) -> int:
     progress = Progress("recording base", args.progress)
     scan = scan_tree(args.root, load_excluder(args), progress)
-    faults.reached("scanned")
     scan.hash_files(list(scan.keys), progress)
     progress.done()
     manifest = Manifest.from_records({path: scan.record(path) for path in scan.keys})
