@@ -26,6 +26,7 @@ from .errors import fs_error
 log = logging.getLogger(__name__)
 TEMP_MARK = ".apppot-tmp."
 TEMP_MARK_BYTES = TEMP_MARK.encode()
+ANY_MARK = b".apppot-"  # in every temporary name, old or new: a scan's cheap first test
 _TEMP = re.compile(rb"\..+" + re.escape(TEMP_MARK_BYTES) + rb"([0-9]+)\.[0-9a-f]{12}", re.S)
 
 
@@ -34,9 +35,13 @@ def temp_name(final: str) -> str:
     return f".{final}{TEMP_MARK}{os.getpid()}.{os.urandom(6).hex()}"  # no tempfile: it is slow to import in UML
 
 
+# What earlier versions left in a tree when a merge died: .apppot-merge.PID.NAME.
+_OLD_MERGE_TEMP = re.compile(rb"\.apppot-merge\.[0-9]+\..+", re.S)
+
+
 def is_temporary(name: bytes) -> bool:
-    """True for a name made by ``temp_name``."""
-    return TEMP_MARK_BYTES in name and _TEMP.fullmatch(name) is not None
+    """True for a name made by ``temp_name`` (or an older version's merge temporary)."""
+    return _TEMP.fullmatch(name) is not None or _OLD_MERGE_TEMP.fullmatch(name) is not None
 
 
 def temp_creator(name: bytes) -> str:

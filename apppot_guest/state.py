@@ -21,6 +21,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from .manifest import BASE_DIR, make_dirs_quietly
 log = logging.getLogger("apppot-snap")
 
 LOCK_NAME = "lock"
+# What earlier versions left in var/lib/apppot: merge.PID/ and .base.manifest.PID.N.tmp.
+_OLD_STATE_TEMP = re.compile(rb"merge\.[0-9]+|\.base\.manifest\.[0-9]+\.[0-9]+\.tmp")
 
 
 class RootLock:
@@ -152,7 +155,7 @@ def recover(root: Path) -> None:
     except OSError as exc:
         raise fs_error(exc, "list", state) from exc
     for name in sorted(names):
-        if is_temporary(name):
+        if is_temporary(name) or _OLD_STATE_TEMP.fullmatch(name):
             remove_leftover(os.path.join(os.fsencode(state), name))
 
 
@@ -203,5 +206,6 @@ def remove_leftover(path: bytes) -> bool:
             return False
     finally:
         os.close(fd)
-    log.warning("removed %s, left by an interrupted apppot-snap (pid %s)", display_path(path), temp_creator(os.path.basename(path)))
+    pid = temp_creator(os.path.basename(path))
+    log.warning("removed %s, left by an interrupted apppot-snap%s", display_path(path), f" (pid {pid})" if pid != "?" else "")
     return True

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .atomicfile import TEMP_MARK_BYTES, is_temporary
+from .atomicfile import ANY_MARK, is_temporary
 from .errors import ConfigError, FsError, fs_error
 from .manifest import KIND_OF_MODE, Entry, Kind, escape, format_key, parse_record
 
@@ -172,7 +172,7 @@ class Scan:
                 rel = rel_dir + b"/" + item.name if rel_dir else item.name
                 if excluded and excluded(rel):
                     continue
-                if TEMP_MARK_BYTES in item.name and is_temporary(item.name):
+                if ANY_MARK in item.name and is_temporary(item.name):
                     self.temporaries.append(item.path)  # AppPot's own, live or left by a dead run: never recorded
                     continue
                 try:

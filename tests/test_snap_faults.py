@@ -219,6 +219,18 @@ def test_a_killed_changes_inside_the_tree_is_never_listed_and_is_cleaned_up(pair
     assert "removed" in again.stderr and os.listdir(outside.parent) == ["d.tar"]
 
 
+def test_leftovers_of_earlier_versions_are_removed_too(pair: tuple[Path, Path]) -> None:
+    root, _ = pair
+    (root / "etc/.apppot-merge.4242.hostname").write_text("stray")
+    (root / "var/lib/apppot/merge.4243").mkdir()
+    (root / "var/lib/apppot/merge.4243/0").write_text("staged")
+    (root / "var/lib/apppot/.base.manifest.4244.0.tmp").write_text("half a manifest")
+    status = snap("--root", root, "status")
+    assert status.stdout == "M /etc\n"  # the stray file is gone; its directory's mtime shows it was there
+    assert status.stderr.count("removed") == 3
+    assert state_dir(root) == ["base.manifest"] and traces(root) == []
+
+
 @pytest.mark.skipif(not have("zstd"), reason="needs zstd")
 @pytest.mark.parametrize("nth", range(1, 9))
 def test_ctrl_c_during_changes_to_zstd_always_exits_130_and_leaves_nothing(pair: tuple[Path, Path], tmp_path: Path, nth: int) -> None:
