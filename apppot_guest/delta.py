@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -403,7 +404,7 @@ class DeltaOutput:
             proc.stdin.close()
             err = proc.stderr.read(4096)
             if proc.wait() != 0:
-                if os.fstatvfs(self.fd).f_bavail == 0:
+                if os.fstatvfs(self.fd).f_bavail == 0 or os.strerror(errno.ENOSPC).encode() in err:
                     raise FsError(f"cannot write {self.path}: No space left on device")
                 raise ToolError(f"{self.compressor[0]} failed writing {self.path}: {excerpt(err.strip(), 200) if err.strip() else f'exit code {proc.returncode}'}")
             os.fsync(self.fd)

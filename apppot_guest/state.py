@@ -30,7 +30,7 @@ from .atomicfile import TEMP_MARK, is_temporary, temp_creator
 from .errors import BusyError, display_path, fs_error
 from .manifest import BASE_DIR, make_dirs_quietly
 
-log = logging.getLogger("apppot-snap")
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "lock"
 # What earlier versions left in var/lib/apppot: merge.PID/ and .base.manifest.PID.N.tmp.
@@ -59,9 +59,10 @@ class RootLock:
                 holder = self.describe_holders()
                 os.close(self.fd)
                 self.fd = -1
-                raise BusyError(f"{self.root} is in use by {holder}; {self.action} did nothing: run it again when that has finished") from None
+                raise BusyError(f"{display_path(self.root)} is in use by {holder}; {self.action} did nothing: run it again when that has finished") from None
             try:  # the last holder removes the file (see release): then this lock is on a dead inode
-                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino:
+                named, held = os.stat(self.path, follow_symlinks=False), os.fstat(self.fd)
+                if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
                     break
             except FileNotFoundError:
                 pass
