@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from . import __version__, faults
 from .atomicfile import create_temp
@@ -99,7 +99,7 @@ class DeltaHeader:
         return str(self.meta.get("base_id", ""))
 
 
-def read_header(reader: BinaryIO, size: int, where: Path) -> DeltaHeader:
+def read_header(reader: IO[bytes], size: int, where: Path) -> DeltaHeader:
     """Parse a delta's header member of ``size`` bytes line by line, refusing it at its first fault."""
     what = f"{where}: {HEADER_NAME}"
     if size > MAX_HEADER:

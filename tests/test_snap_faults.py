@@ -18,6 +18,7 @@ import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,33 +34,50 @@ IGNORE = ("var/lib/apppot",)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
 
 
-def start(*args: object, fault: str | None = None, new_session: bool = False) -> subprocess.Popen[str]:
+def start(*args: str | Path, fault: str | None = None, new_session: bool = False) -> subprocess.Popen[str]:
     env = {**ENV, "APPPOT_TEST_FAULT": fault} if fault else ENV
-    return subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", *map(os.fspath, args)], env=env, text=True,
+    return subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", *(str(a) for a in args)], env=env, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=new_session)
 
 
+@dataclass
+class Paused:
+    """A run of apppot-snap held at a point; ``stdout``, ``stderr`` and ``returncode`` once it ended."""
+
+    proc: subprocess.Popen[str]
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
 @contextlib.contextmanager
-def paused(tmp_path: Path, point: str, *args: object, nth: int = 1, new_session: bool = False) -> Iterator[subprocess.Popen[str]]:
+def paused(tmp_path: Path, point: str, *args: str | Path, nth: int = 1, new_session: bool = False) -> Iterator[Paused]:
     """Run apppot-snap ARGS until it reaches POINT the NTH time; it waits there until the block ends."""
     fifo = tmp_path / f"pause-{point}-{nth}"
     os.mkfifo(fifo)
-    proc = start(*args, fault=f"{point}:{nth}:pause:{fifo}", new_session=new_session)
+    run = Paused(start(*args, fault=f"{point}:{nth}:pause:{fifo}", new_session=new_session))
     keep_open: list[int] = []
 
     def unblock_if_it_ends() -> None:  # a process that never gets there must not hang the test
-        proc.wait()
+        run.proc.wait()
         with contextlib.suppress(OSError):
             keep_open.append(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
 
     threading.Thread(target=unblock_if_it_ends, daemon=True).start()
     writer = os.open(fifo, os.O_WRONLY)  # returns once the process opened the FIFO: it is at POINT
     try:
-        assert proc.poll() is None, f"apppot-snap {args} ended before reaching {point}: {proc.communicate()}"
-        yield proc
+        assert run.proc.poll() is None, f"apppot-snap {args} ended before reaching {point}: {run.proc.communicate()}"
+        yield run
     finally:
         os.close(writer)  # lets it go on
-        proc.output = proc.communicate()  # type: ignore[attr-defined]  # (stdout, stderr), for the test to check
+        run.stdout, run.stderr = run.proc.communicate()
         for fd in keep_open:
             os.close(fd)
 
@@ -105,7 +123,7 @@ def test_a_second_merge_is_refused_while_one_runs(pair: tuple[Path, Path], tmp_p
         assert_one_error_line(second, str(target), f"apppot-snap merge (pid {first.pid})", "did nothing")
         for action in (["base"], ["status"], ["changes", tmp_path / "d.tar"]):  # nobody else either
             assert_one_error_line(snap("--root", target, *action, check=BusyError.exit_code), f"pid {first.pid}")
-    assert first.returncode == 0, first.output
+    assert first.returncode == 0, first.stderr
     assert_trees_equal(target, tmp_path / "one", ignore=IGNORE)
     assert not (target / "etc/two0").exists() and state_dir(target) == ["base.manifest"]
 
@@ -115,7 +133,7 @@ def test_merge_during_base_is_refused_and_base_records_a_consistent_tree(pair: t
     delta = make_delta(copy_tree(pristine, tmp_path / "source"), tmp_path / "d.tar", {f"etc/new{i}": b"x" * i for i in range(50)})
     with paused(tmp_path, "scanned", "--root", root, "base") as base:
         assert_one_error_line(snap("--root", root, "merge", delta, check=BusyError.exit_code), f"apppot-snap base (pid {base.pid})")
-    assert base.returncode == 0, base.output
+    assert base.returncode == 0, base.stderr
     assert snap("--root", root, "status", "-v").stdout == ""
 
 
@@ -126,7 +144,7 @@ def test_base_never_records_a_hash_with_metadata_it_does_not_belong_to(pair: tup
         (root / "etc/hostname").write_text("renamed-while-base-ran\n")  # new size, new mtime
         with open(root / "usr/lib/x/lib.so", "r+b") as f:  # same size, new mtime
             f.write(b"changed")
-    assert base.returncode == 0, base.output
+    assert base.returncode == 0, base.stderr
     assert snap("--root", root, "status", "-v").stdout == ""
     assert snap("--root", root, "status", "--checksum").stdout == ""
 
@@ -136,7 +154,7 @@ def test_readers_share_the_root(pair: tuple[Path, Path], tmp_path: Path) -> None
     (root / "etc/new").write_text("x")
     with paused(tmp_path, "locked", "--root", root, "status") as first:
         assert snap("--root", root, "changes", tmp_path / "d.tar").returncode == 0
-    assert first.returncode == 0 and "A /etc/new" in first.output[0].splitlines()
+    assert first.returncode == 0 and "A /etc/new" in first.stdout.splitlines()
 
 
 # -- 2. crashes and interrupts leave nothing behind ------------------------------------------------
@@ -242,7 +260,7 @@ def test_ctrl_c_during_changes_to_zstd_always_exits_130_and_leaves_nothing(pair:
     out.parent.mkdir()
     with paused(tmp_path, "write", "--root", root, "changes", out, nth=nth, new_session=True) as proc:
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: to apppot-snap and whatever shares its group
-    assert proc.returncode == 130 and proc.output[1].strip() == "apppot-snap: error: interrupted"
+    assert proc.returncode == 130 and proc.stderr.strip() == "apppot-snap: error: interrupted"
     assert os.listdir(out.parent) == []
 
 
