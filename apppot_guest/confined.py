@@ -73,10 +73,6 @@ class Root:
         except FileNotFoundError:
             return None
 
-    def proc_path(self, rel: bytes) -> bytes:
-        fd, name = self.parent(rel)
-        return b"/proc/self/fd/%d/%s" % (fd, name)
-
     def remove(self, rel: bytes, exclude: Excluder) -> None:
         """Remove ``rel`` and everything below it, except excluded paths and other mounts."""
         self.forget(rel)
@@ -114,14 +110,18 @@ class Root:
             log.warning("keeping the directory %s: it still holds excluded paths", display_path(rel))
 
     def set_metadata(self, rel: bytes, entry: Entry) -> None:
-        """Owner, mode, xattrs and mtime of ``rel`` (in that order: chown clears setuid and capabilities)."""
         fd, name = self.parent(rel)
-        os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-        if entry.kind is not Kind.SYMLINK:
-            os.chmod(name, entry.mode, dir_fd=fd)
-        set_xattrs(self.proc_path(rel), entry.xattrs)
-        if entry.kind is not Kind.DIR:
-            os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+        set_metadata_at(fd, name, entry)
+
+
+def set_metadata_at(dir_fd: int, name: bytes, entry: Entry) -> None:
+    """Owner, mode, xattrs and mtime of ``name`` in ``dir_fd`` (in that order: chown clears setuid and capabilities)."""
+    os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
+    if entry.kind is not Kind.SYMLINK:
+        os.chmod(name, entry.mode, dir_fd=dir_fd)
+    set_xattrs(b"/proc/self/fd/%d/%s" % (dir_fd, name), entry.xattrs)
+    if entry.kind is not Kind.DIR:
+        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
 def set_xattrs(target: bytes | int, wanted: tuple[tuple[bytes, bytes], ...]) -> None:

@@ -19,21 +19,26 @@ the header, so a user file named like a whiteout (``.wh.x``) is just a file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
-from . import __version__
-from .errors import DeltaError, FsError, ToolError, UsageError, fs_error
+from . import __version__, faults
+from .atomicfile import create_temp
+from .errors import DeltaError, FsError, ToolError, UsageError, display_path, excerpt, fs_error
 from .diff import Diff, Op
-from .manifest import Entry, Kind, escape, format_entry, join_document
+from .manifest import Entry, Kind, escape, format_entry, join_document, parse_entry, unescape
 from .tree import Scan, data_extents, read_content
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,63 @@ def header_bytes(base_id: str, ops: list[tuple[Op, Entry | bytes]]) -> bytes:
     return join_document(HEADER_MAGIC, meta, lines)
 
 
+# Bounds on what a header may be, from what a real one needs: a line holds one
+# entry (a path and a link of at most PATH_MAX bytes, escaped: 4 x 4096 each, and
+# xattrs, hex-encoded), the whole header one line per changed path.  Anything
+# beyond is refused as soon as it is read, and never quoted whole.
+MAX_LINE = 256 << 10
+MAX_HEADER = 256 << 20  # about a million changed paths
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaHeader:
+    meta: dict[str, object]
+    ops: list[tuple[Op, Entry | bytes]]
+
+    @property
+    def base_id(self) -> str:
+        return str(self.meta.get("base_id", ""))
+
+
+def read_header(reader: IO[bytes], size: int, where: Path) -> DeltaHeader:
+    """Parse a delta's header member of ``size`` bytes line by line, refusing it at its first fault."""
+    what = f"{where}: {HEADER_NAME}"
+    if size > MAX_HEADER:
+        raise DeltaError(f"{what} is {size} bytes, more than any real delta's ({MAX_HEADER})")
+    magic = reader.readline(len(HEADER_MAGIC) + 1)
+    if magic != HEADER_MAGIC + b"\n":
+        raise DeltaError(f"{what} does not start with {HEADER_MAGIC.decode()!r} but {excerpt(magic)}")
+    line = reader.readline(MAX_LINE)
+    try:
+        meta = json.loads(line)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise DeltaError(f"{what} line 2 is not a JSON object ({str(exc)[:80]}): {excerpt(line)}") from None
+    ops: list[tuple[Op, Entry | bytes]] = []
+    seen: set[bytes] = set()
+    number = 2
+    while True:
+        line = reader.readline(MAX_LINE + 1)
+        if not line:
+            return DeltaHeader(meta, ops)
+        number += 1
+        if not line.endswith(b"\n"):
+            problem = "longer than any real entry" if len(line) > MAX_LINE else "not ended by a newline"
+            raise DeltaError(f"{what} line {number} is {problem}: {excerpt(line)}")
+        try:
+            tag, _, payload = line[:-1].partition(b"\t")
+            op = Op(tag.decode("ascii"))
+            item = unescape(payload) if op is Op.DELETE else parse_entry(payload)
+        except (ValueError, KeyError) as exc:
+            raise DeltaError(f"{what} line {number} is malformed ({str(exc)[:80]}): {excerpt(line)}") from None
+        path = item if isinstance(item, bytes) else item.path
+        if path in seen:
+            raise DeltaError(f"{where}: {display_path(path)!r} appears twice in its header")
+        seen.add(path)
+        ops.append((op, item))
+
+
 def compressor_for(path: Path) -> list[str] | None:
     for suffix, argv in COMPRESSORS.items():
         if path.name.endswith(suffix):
@@ -85,15 +147,45 @@ def compressor_for(path: Path) -> list[str] | None:
 
 
 class TarWriter:
-    """Writes pax tar members to a binary stream, padding as tar wants."""
+    """Writes pax tar members to a binary stream, padding as tar wants.
 
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
+    Small pieces are gathered in a buffer of its own, so that ``out`` can be
+    unbuffered: after a failure nothing is left in a file object to be flushed.
+    A failed write names ``destination`` (BrokenPipeError passes: the
+    compressor died, which its caller reports).
+    """
+
+    FLUSH_AT = 64 << 10
+
+    def __init__(self, out: BinaryIO, destination: Path | None = None) -> None:
+        self.out, self.destination = out, destination
         self.written = 0
+        self.buffer = bytearray()
 
     def _write(self, data: bytes | memoryview) -> None:
-        self.out.write(data)
         self.written += len(data)
+        if len(data) < self.FLUSH_AT:
+            self.buffer += data
+            if len(self.buffer) >= self.FLUSH_AT:
+                self.flush()
+        else:
+            self.flush()
+            self._emit(memoryview(data))
+
+    def flush(self) -> None:
+        if self.buffer:
+            self._emit(memoryview(self.buffer))
+            self.buffer = bytearray()
+
+    def _emit(self, view: memoryview) -> None:
+        faults.reached("write")
+        try:
+            while view:
+                view = view[self.out.write(view) or 0 :]
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise fs_error(exc, "write", self.destination or "the delta") from exc
 
     def _pad(self) -> None:
         if self.written % BLOCK:
@@ -124,11 +216,15 @@ class TarWriter:
         else:
             info.size = size
             self._write(member_header(info, {}))
-        try:
-            for chunk in read_content(fd, size, extents, h):
-                self._write(chunk)
-        except FsError:
-            raise FsError(f"{os.fsdecode(where)} shrank while it was being archived; run again") from None
+        chunks = read_content(fd, size, extents, h)
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except FsError:
+                raise FsError(f"{os.fsdecode(where)} shrank while it was being archived; run again") from None
+            if chunk is None:
+                break
+            self._write(chunk)
         self._pad()
         if digest and h.hexdigest() != digest:
             raise FsError(f"{os.fsdecode(where)} changed while it was being archived; run again")
@@ -137,7 +233,7 @@ class TarWriter:
         self._write(bytes(2 * BLOCK))
         if self.written % RECORD:
             self._write(bytes(RECORD - self.written % RECORD))
-        self.out.flush()
+        self.flush()
 
 
 def member_header(info: tarfile.TarInfo, pax: dict[str, bytes]) -> bytes:
@@ -225,6 +321,8 @@ def write_members(writer: TarWriter, scan: Scan, ops: Iterable[tuple[Op, Entry |
                 raise fs_error(exc, "read", full) from exc
             try:
                 writer.add_file(info, fd, entry.size, entry.path in scan.sparse, entry.digest, full)
+            except BrokenPipeError:
+                raise  # the compressor's end, not this file's
             except OSError as exc:
                 raise fs_error(exc, "read", full) from exc
             finally:
@@ -236,59 +334,89 @@ def write_members(writer: TarWriter, scan: Scan, ops: Iterable[tuple[Op, Entry |
             progress(count, writer.written)
 
 
-def write_delta(
-    scan: Scan,
-    diff: Diff,
-    base_id: str,
-    out_path: Path,
-    progress: Callable[[int, int], None] | None = None,
-) -> int:
-    """Write the delta archive to ``out_path`` atomically; returns its size in bytes."""
-    compressor = compressor_for(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as exc:
-        raise fs_error(exc, "create", tmp) from exc
-    proc = None
-    try:
-        with open(out_fd, "wb", closefd=True) as out_file:
-            if compressor:
-                log.debug("compressing with %s", " ".join(compressor))
-                try:
-                    proc = subprocess.Popen(compressor, stdin=subprocess.PIPE, stdout=out_file, stderr=subprocess.PIPE)
-                except OSError as exc:
-                    raise ToolError(f"cannot run {compressor[0]}: {exc.strerror}") from exc
-                sink: BinaryIO = proc.stdin  # type: ignore[assignment]
-            else:
-                sink = out_file
-            writer = TarWriter(sink)
-            header = header_bytes(base_id, diff.ops)
-            info = tarfile.TarInfo(HEADER_NAME)
-            info.size, info.mode, info.mtime = len(header), 0o644, int(time.time())
+class DeltaOutput:
+    """A delta being written: a locked temporary beside its final name until it is complete.
+
+    Made before the tree is scanned, so that a destination that cannot be
+    written is reported at once; dead temporaries of the same name go first.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from .state import recover_beside  # recovery needs the lock's module, writing a delta does not
+
+        self.path = path
+        self.compressor = compressor_for(path)
+        if path.is_dir():
+            raise UsageError(f"cannot write the delta {path}: it is a directory")
+        recover_beside(path)
+        try:
+            self.fd, self.tmp = create_temp(path)
+        except OSError as exc:
+            raise fs_error(exc, "write", path) from exc
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            self.tmp.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = -1
+
+    def write(self, scan: Scan, diff: Diff, base_id: str, progress: Callable[[int, int], None] | None = None) -> int:
+        """Write the delta and give it its name; returns its size in bytes.  Any failure or interrupt leaves nothing."""
+        try:
+            self._write(scan, diff, base_id, progress)
+            faults.reached("rename")
+            os.replace(self.tmp, self.path)
+            size = os.fstat(self.fd).st_size
+            os.close(self.fd)
+            self.fd = -1
+            return size
+        except OSError as exc:
+            raise fs_error(exc, "write", self.path) from exc
+        finally:
+            self.discard()
+
+    def _write(self, scan: Scan, diff: Diff, base_id: str, progress: Callable[[int, int], None] | None) -> None:
+        header = header_bytes(base_id, diff.ops)
+        info = tarfile.TarInfo(HEADER_NAME)
+        info.size, info.mode, info.mtime = len(header), 0o644, int(time.time())
+        if not self.compressor:
+            with open(self.fd, "wb", buffering=0, closefd=False) as out:
+                writer = TarWriter(out, self.path)
+                writer.add(info, header)
+                write_members(writer, scan, diff.ops, progress)
+                writer.close()
+            os.fsync(self.fd)
+            return
+        log.debug("compressing with %s", " ".join(self.compressor))
+        try:  # in its own process group: Ctrl-C reaches only apppot-snap, which ends it
+            proc = subprocess.Popen(self.compressor, stdin=subprocess.PIPE, stdout=self.fd, stderr=subprocess.PIPE, bufsize=0, process_group=0)
+        except OSError as exc:
+            raise ToolError(f"cannot run {self.compressor[0]}: {exc.strerror}") from exc
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            writer = TarWriter(proc.stdin, self.path)  # type: ignore[arg-type]
             try:
                 writer.add(info, header)
                 write_members(writer, scan, diff.ops, progress)
                 writer.close()
             except BrokenPipeError:
                 pass  # the compressor died: reported below
-            finally:
-                if proc:
-                    sink.close()
-            if proc:
-                err = proc.stderr.read() if proc.stderr else b""
-                if proc.wait() != 0:
-                    raise ToolError(f"{compressor[0]} failed writing {out_path}: {err.decode(errors='replace').strip()}")  # type: ignore[index]
-            out_file.flush()
-            os.fsync(out_file.fileno())
-        os.replace(tmp, out_path)
-        return out_path.stat().st_size
-    except BaseException:
-        if proc and proc.poll() is None:
-            proc.kill()
+            proc.stdin.close()
+            err = proc.stderr.read(4096)
+            if proc.wait() != 0:
+                if os.fstatvfs(self.fd).f_bavail == 0 or os.strerror(errno.ENOSPC).encode() in err:
+                    raise FsError(f"cannot write {self.path}: No space left on device")
+                raise ToolError(f"{self.compressor[0]} failed writing {self.path}: {excerpt(err.strip(), 200) if err.strip() else f'exit code {proc.returncode}'}")
+            os.fsync(self.fd)
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # unbuffered: nothing is flushed into the dead pipe
             proc.wait()
-        tmp.unlink(missing_ok=True)
-        raise
+            raise
+        finally:
+            proc.stderr.close()
 
 
 def open_archive(path: Path) -> tuple[BinaryIO, subprocess.Popen[bytes] | None]:

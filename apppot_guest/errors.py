@@ -62,6 +62,11 @@ class ToolError(AppPotError):
     summary = "an external program (zstd, xz, gzip, mount, ...) failed"
 
 
+class BusyError(AppPotError):
+    exit_code = 10
+    summary = "another apppot-snap is using this root (it holds var/lib/apppot/lock); nothing was done"
+
+
 class Interrupted(AppPotError):
     exit_code = 130
     summary = "interrupted; nothing half-written was left behind"
@@ -76,6 +81,7 @@ ALL_ERRORS: tuple[type[AppPotError], ...] = (
     UnsafePathError,
     FsError,
     ToolError,
+    BusyError,
     Interrupted,
 )
 
@@ -92,6 +98,22 @@ def fs_error(exc: OSError, action: str, path: object) -> FsError:
     """Turn an OSError into an FsError naming the action and the path."""
     reason = exc.strerror or str(exc)
     return FsError(f"cannot {action} {display_path(path)}: {reason}")
+
+
+MAX_MESSAGE = 1000  # characters: an error is one line a person reads, whatever the input
+
+
+def excerpt(data: bytes, limit: int = 40) -> str:
+    """A short, escaped quotation of untrusted ``data`` for a message: its start and its length."""
+    shown = data[:limit].decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii")
+    return repr(shown) if len(data) <= limit else f"{shown!r}... ({len(data)} bytes)"
+
+
+def one_line(message: str) -> str:
+    """``message`` as one bounded line: control characters escaped, at most MAX_MESSAGE characters."""
+    if not message.isprintable():
+        message = message.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 30] + f"... ({len(message)} characters)"
 
 
 def display_path(path: object) -> str:

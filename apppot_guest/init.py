@@ -168,9 +168,16 @@ def _mount_delta(changes: str, layout: Layout, mounter: Mounter) -> Path:
 
 def _merge(root: Path, delta: Path) -> None:
     from .merge import apply_delta  # the merge code is only needed when there is a delta
+    from .state import RootLock, recover
 
     log.info("merging %s", display_path(delta))
-    apply_delta(root, delta)
+    lock = RootLock(root, "merge", exclusive=True)  # as apppot-snap merge: one writer, dead runs' leftovers removed first
+    try:
+        lock.acquire(create=True)
+        recover(root)
+        apply_delta(root, delta)
+    finally:
+        lock.release()
 
 
 def _autorun(account: Account, user_job: Path | None) -> tuple[str, ...] | None:

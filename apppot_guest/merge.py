@@ -19,6 +19,7 @@ import errno
 import hashlib
 import logging
 import os
+import signal
 import stat
 import sys
 import tarfile
@@ -27,27 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .delta import HEADER_MAGIC, HEADER_NAME, open_archive
+from . import faults
+from .atomicfile import lock_quietly, temp_name
+from .delta import HEADER_NAME, DeltaHeader, open_archive, read_header
 from .diff import Op
-from .errors import BaseMismatchError, DeltaError, FsError, NoBaseError, UnsafePathError, display_path, fs_error
-from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly, parse_entry, split_document, unescape
-from .confined import Root, set_xattrs
+from .errors import BaseMismatchError, DeltaError, FsError, Interrupted, NoBaseError, UnsafePathError, display_path, fs_error
+from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly
+from .confined import Root, set_metadata_at, set_xattrs
 from .tree import CHUNK, Excluder, hash_zeros
 
 log = logging.getLogger(__name__)
-
-MAX_HEADER = 1 << 30
-
-
-@dataclass(frozen=True, slots=True)
-class DeltaHeader:
-    meta: dict[str, object]
-    ops: list[tuple[Op, Entry | bytes]]
-
-    @property
-    def base_id(self) -> str:
-        return str(self.meta.get("base_id", ""))
-
 
 @dataclass(frozen=True, slots=True)
 class MergeReport:
@@ -56,19 +46,6 @@ class MergeReport:
     deleted: int
     base_id: str
     plan: list[str]
-
-
-def parse_header(data: bytes, where: Path) -> DeltaHeader:
-    meta, lines = split_document(data, HEADER_MAGIC, os.fspath(where), f"an AppPot delta's {HEADER_NAME}")
-    ops: list[tuple[Op, Entry | bytes]] = []
-    for number, line in enumerate(lines, start=3):
-        try:
-            tag, _, payload = line.partition(b"\t")
-            op = Op(tag.decode("ascii"))
-            ops.append((op, unescape(payload) if op is Op.DELETE else parse_entry(payload)))
-        except (ValueError, KeyError) as exc:
-            raise DeltaError(f"{where}: {HEADER_NAME} line {number} is malformed: {exc}") from None
-    return DeltaHeader(meta, ops)
 
 
 def check_syntax(path: bytes, where: Path) -> None:
@@ -88,6 +65,7 @@ class Merge:
         self.staging: Path | None = None
         self.staging_fd = -1
         self.staging_parent_mtime = 0
+        self.serial = 0  # names of the entries made in the staging directory while committing
         self.header: DeltaHeader | None = None
 
     # -- phase 1: read, check and stage --------------------------------------------------
@@ -115,11 +93,11 @@ class Merge:
     def _stage_members(self, tar: tarfile.TarFile) -> None:
         members = iter(tar)
         first = next(members, None)
-        if first is None or first.name != HEADER_NAME or not first.isreg() or first.size > MAX_HEADER:
+        if first is None or first.name != HEADER_NAME or not first.isreg():
             raise DeltaError(f"{self.delta}: not an AppPot delta (its first member is not {HEADER_NAME})")
         reader = tar.extractfile(first)
         assert reader is not None
-        self.header = parse_header(reader.read(), self.delta)
+        self.header = read_header(reader, first.size, self.delta)
         self.check_base()
         self.check_paths()
         if not self.dry_run:
@@ -155,15 +133,11 @@ class Merge:
         assert self.header is not None
         created: dict[bytes, Kind] = {}
         deleted: set[bytes] = set()
-        seen: set[bytes] = set()
         for op, item in self.header.ops:
             path = item if isinstance(item, bytes) else item.path
             check_syntax(path, self.delta)
             if self.exclude(path):
                 raise UnsafePathError(f"{self.delta}: refusing member {display_path(path)!r}: it is an excluded path")
-            if path in seen:
-                raise DeltaError(f"{self.delta}: {display_path(path)!r} appears twice in its header")
-            seen.add(path)
             if op is Op.DELETE:
                 deleted.add(path)
             elif op is Op.CREATE and isinstance(item, Entry):
@@ -226,9 +200,15 @@ class Merge:
         try:
             make_dirs_quietly(staging_parent)
             self.staging_parent_mtime = os.stat(staging_parent).st_mtime_ns
-            self.staging = staging_parent / f"merge.{os.getpid()}"
-            self.staging.mkdir(mode=0o700)
-            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY)
+            while self.staging is None:
+                candidate = staging_parent / temp_name("merge")
+                try:
+                    candidate.mkdir(mode=0o700)
+                except FileExistsError:
+                    continue
+                self.staging = candidate
+            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            lock_quietly(self.staging_fd)  # alive: the next run's recovery leaves it alone
         except OSError as exc:
             raise fs_error(exc, "create a staging directory in", staging_parent) from exc
 
@@ -243,6 +223,7 @@ class Merge:
             return
         reader = tar.extractfile(member)
         assert reader is not None
+        faults.reached("stage")
         fd = -1
         staged = b"%d" % len(self.staged)
         if not self.dry_run:
@@ -264,22 +245,23 @@ class Merge:
                 os.close(fd)
 
     def discard_staging(self) -> None:
-        if self.staging_fd >= 0:
-            for staged in self.staged.values():
-                try:
-                    os.unlink(staged, dir_fd=self.staging_fd)
-                except FileNotFoundError:
-                    pass
+        """Remove the staging directory and whatever is still in it (all of it, after a failure)."""
+        if self.staging is None:
+            return
+        try:
+            for leftover in os.scandir(self.staging_fd):
+                if leftover.is_dir(follow_symlinks=False):
+                    os.rmdir(leftover.name, dir_fd=self.staging_fd)
+                else:
+                    os.unlink(leftover.name, dir_fd=self.staging_fd)
+            self.staging.rmdir()
+            os.utime(self.staging.parent, ns=(self.staging_parent_mtime, self.staging_parent_mtime))
+        except OSError as exc:
+            log.warning("cannot remove the staging directory %s: %s", self.staging, exc.strerror)
+        finally:
             os.close(self.staging_fd)
             self.staging_fd = -1
-        if self.staging:
-            try:
-                for leftover in self.staging.iterdir():
-                    leftover.unlink()
-                self.staging.rmdir()
-                os.utime(self.staging.parent, ns=(self.staging_parent_mtime, self.staging_parent_mtime))
-            except OSError as exc:
-                log.warning("cannot remove the staging directory %s: %s", self.staging, exc.strerror)
+            self.staging = None
 
     # -- phase 2: commit ------------------------------------------------------------------
     def commit(self) -> tuple[int, int, int]:
@@ -323,52 +305,50 @@ class Merge:
         return counts[Op.CREATE], counts[Op.META], counts[Op.DELETE]
 
     def create(self, entry: Entry) -> None:
+        """Put ``entry`` in place: made complete in the staging directory, then renamed to its name.
+
+        Nothing is ever made under a temporary name inside the root, so an
+        interrupted merge leaves no stray file there, only the staging directory.
+        """
         fd, name = self.root.parent(entry.path)
         existing = self.root.lstat(entry.path)
-        if entry.kind is Kind.DIR:
-            if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                os.unlink(name, dir_fd=fd)
-                existing = None
-            if existing is None:
-                os.mkdir(name, 0o700, dir_fd=fd)
+        if entry.kind is Kind.DIR and existing is not None and stat.S_ISDIR(existing.st_mode):
             self.root.set_metadata(entry.path, entry)
             return
         if existing is not None and stat.S_ISDIR(existing.st_mode):
             self.root.remove(entry.path, self.exclude)
             fd, name = self.root.parent(entry.path)
-        tmp = b".apppot-merge.%d.%s" % (os.getpid(), name[:100])
-        try:
-            os.unlink(tmp, dir_fd=fd)
-        except FileNotFoundError:
-            pass
-        if entry.link:
-            link_fd, link_name = self.root.parent(entry.link)
-            os.link(link_name, tmp, src_dir_fd=link_fd, dst_dir_fd=fd, follow_symlinks=False)
-        elif entry.kind is Kind.FILE:
-            self._place_staged(entry, fd, tmp)
-        elif entry.kind is Kind.SYMLINK:
-            os.symlink(entry.target, tmp, dir_fd=fd)
-        elif entry.kind is Kind.FIFO:
-            os.mkfifo(tmp, 0o600, dir_fd=fd)
+        elif existing is not None and entry.kind is Kind.DIR:
+            os.unlink(name, dir_fd=fd)  # rename() cannot put a directory over a file
+        if entry.kind is Kind.FILE and not entry.link:
+            staged = self.staged[entry.path]
         else:
-            os.mknod(tmp, 0o600 | MODE_OF_KIND[entry.kind], entry.rdev, dir_fd=fd)
-        if not entry.link and entry.kind is not Kind.FILE:
-            head = entry.path.rpartition(b"/")[0]
-            self.root.set_metadata(head + b"/" + tmp if head else tmp, entry)
-        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        try:  # rename() does nothing when both names are already the same file
-            os.unlink(tmp, dir_fd=fd)
-        except FileNotFoundError:
-            pass
-
-    def _place_staged(self, entry: Entry, fd: int, tmp: bytes) -> None:
-        staged = self.staged[entry.path]
+            staged = b"n%d" % self.serial
+            self.serial += 1
+            if entry.link:
+                link_fd, link_name = self.root.parent(entry.link)
+                os.link(link_name, staged, src_dir_fd=link_fd, dst_dir_fd=self.staging_fd, follow_symlinks=False)
+            elif entry.kind is Kind.DIR:
+                os.mkdir(staged, 0o700, dir_fd=self.staging_fd)
+            elif entry.kind is Kind.SYMLINK:
+                os.symlink(entry.target, staged, dir_fd=self.staging_fd)
+            elif entry.kind is Kind.FIFO:
+                os.mkfifo(staged, 0o600, dir_fd=self.staging_fd)
+            else:
+                os.mknod(staged, 0o600 | MODE_OF_KIND[entry.kind], entry.rdev, dir_fd=self.staging_fd)
+            if not entry.link:
+                set_metadata_at(self.staging_fd, staged, entry)
+        faults.reached("rename")
         try:
-            os.rename(staged, tmp, src_dir_fd=self.staging_fd, dst_dir_fd=fd)
+            os.rename(staged, name, src_dir_fd=self.staging_fd, dst_dir_fd=fd)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
             raise FsError(f"{self.root_path / os.fsdecode(entry.path)} is on another file system than {self.staging}; merging across file systems is not supported") from None
+        try:  # rename() does nothing when both names are already the same file
+            os.unlink(staged, dir_fd=self.staging_fd)
+        except FileNotFoundError:
+            pass
 
 
 def member_mismatch(member: tarfile.TarInfo, entry: Entry) -> str:
@@ -430,10 +410,21 @@ def apply_delta(root: Path, delta: Path, *, force: bool = False, dry_run: bool =
         if dry_run:
             counts = [sum(1 for op, _ in merge.header.ops if op is kind) for kind in (Op.CREATE, Op.META, Op.DELETE)]
             return MergeReport(*counts, base_id=merge.header.base_id, plan=plan)
+        faults.reached("staged")
+        # Once the root starts to change, Ctrl-C and termination wait until it is done:
+        # a merge is applied whole (only SIGKILL or a crash can stop it half-way).
+        deferred = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
         try:
-            created, updated, deleted = merge.commit()
+            try:
+                created, updated, deleted = merge.commit()
+            finally:
+                merge.discard_staging()
+            if signal.SIGINT in signal.sigpending():
+                signal.sigwait({signal.SIGINT})
+                raise Interrupted(f"interrupted after {delta} was applied in full")
         finally:
-            merge.discard_staging()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
         return MergeReport(created, updated, deleted, merge.header.base_id, plan)
     finally:
         merge.root.close()

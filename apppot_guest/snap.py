@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -10,15 +11,19 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
-from .delta import DEFAULT_SUFFIX, compressor_for, write_delta
+from . import faults
+from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare
-from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table
+from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line
 from .manifest import Manifest, load_base, save_base
+from .state import RootLock, recover, remove_leftover
 from .tree import Excluder, Scan
 
 PROG = "apppot-snap"
@@ -73,10 +78,19 @@ def load_excluder(args: argparse.Namespace, extra_paths: tuple[Path, ...] = ()) 
     return Excluder.load(args.root, args.exclude_from or (), extra_paths)
 
 
+def scan_tree(root: Path, exclude: Excluder, progress: Progress) -> Scan:
+    """Walk the root; AppPot temporaries met on the way are never listed, and dead ones are removed."""
+    scan = Scan(root, exclude, progress)
+    for leftover in scan.temporaries:
+        remove_leftover(leftover)
+    faults.reached("scanned")
+    return scan
+
+
 def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Excluder) -> tuple[Manifest, Scan, Diff]:
     base = load_base(args.root)
     progress = Progress("scanning", args.progress)
-    scan = Scan(args.root, exclude, progress)
+    scan = scan_tree(args.root, exclude, progress)
     diff = compare(base, scan, exclude, checksum=args.checksum, for_delta=for_delta, progress=progress)
     progress.done()
     return base, scan, diff
@@ -84,7 +98,7 @@ def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Exclude
 
 def cmd_base(args: argparse.Namespace) -> int:
     progress = Progress("recording base", args.progress)
-    scan = Scan(args.root, load_excluder(args), progress)
+    scan = scan_tree(args.root, load_excluder(args), progress)
     scan.hash_files(list(scan.keys), progress)
     progress.done()
     manifest = Manifest.from_records({path: scan.record(path) for path in scan.keys})
@@ -115,18 +129,25 @@ def cmd_changes(args: argparse.Namespace) -> int:
     compressor_for(out)  # a bad file name is refused before any work
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: {out.parent} is not a directory")
+    if out.is_dir():
+        raise UsageError(f"cannot write the delta {out}: it is a directory")
     exclude = load_excluder(args, extra_paths=(out,))
-    base, scan, diff = scan_and_compare(args, for_delta=True, exclude=exclude)
-    if args.just_print or args.verbose:
-        for op, item in diff.ops:
-            path = item if isinstance(item, bytes) else item.path
-            print(f"{op} /{display_path(path)}")
-    if args.just_print:
-        print(f"would write {out}: {len(diff.changes)} changed paths against base {base.id}")
-        return 0
-    progress = Progress("writing", args.progress)
-    size = write_delta(scan, diff, base.id, out, progress)
-    progress.done()
+    output = None if args.just_print else DeltaOutput(out)  # an unwritable destination is reported before the scan
+    try:
+        base, scan, diff = scan_and_compare(args, for_delta=True, exclude=exclude)
+        if args.just_print or args.verbose:
+            for op, item in diff.ops:
+                path = item if isinstance(item, bytes) else item.path
+                print(f"{op} /{display_path(path)}")
+        if output is None:
+            print(f"would write {out}: {len(diff.changes)} changed paths against base {base.id}")
+            return 0
+        progress = Progress("writing", args.progress)
+        size = output.write(scan, diff, base.id, progress)
+        progress.done()
+    finally:
+        if output is not None:
+            output.discard()
     if os.geteuid() == 0 and "SUDO_UID" in os.environ:
         os.chown(out, int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", "-1")))
     print(f"wrote {out}: {len(diff.changes)} changed paths, {size / 1e6:.2f} MB, against base {base.id}")
@@ -145,10 +166,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one error line like every other error (sub-parsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{PROG} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Options may stand before or after the action word: the sub-parsers' copies
     # default to SUPPRESS, so they only override what was given after the word.
-    main = argparse.ArgumentParser(
+    main = Parser(
         prog=PROG,
         description="Record an AppPot image's base, list and save what changed since, and apply such deltas.",
         epilog=exit_code_table(),
@@ -214,21 +242,40 @@ def main(argv: list[str] | None = None) -> int:
             gc.enable()
 
 
+# Which actions change the root (and hold its lock exclusively); the others only read it.
+WRITERS = ("base", "merge")
+
+
 def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(
         format=f"{PROG}: %(levelname)s: %(message)s",
         level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
     )
     args.progress = True
     if not args.root.is_dir():
-        print(f"{PROG}: error: the root {args.root} is not a directory", file=sys.stderr)
+        print(f"{PROG}: error: the root {display_path(args.root)} is not a directory", file=sys.stderr)
         return UsageError.exit_code
+    writer = args.action in WRITERS and not args.just_print
+    lock = RootLock(args.root, args.action, exclusive=writer)
     try:
         if argv is None:
             maybe_sudo(args)
-        return int(args.handler(args))
+        if lock.acquire(create=writer):
+            recover(args.root)  # what dead runs left in var/lib/apppot, before anything else
+        code = int(args.handler(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # stdout was closed early (apppot-snap status | head): end quietly, as other tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -240,8 +287,10 @@ def run_command(argv: list[str] | None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        error = AppPotError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
-    print(f"{PROG}: error: {error}", file=sys.stderr)
+        error = AppPotError(f"{exc.strerror or exc}" + (f": {display_path(exc.filename)}" if exc.filename else ""))
+    finally:
+        lock.release()
+    print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
     return error.exit_code
 
 

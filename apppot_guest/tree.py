@@ -11,6 +11,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .atomicfile import ANY_MARK, is_temporary
 from .errors import ConfigError, FsError, fs_error
 from .manifest import KIND_OF_MODE, Entry, Kind, escape, format_key, parse_record
 
@@ -135,6 +136,7 @@ class Scan:
         self.keys: dict[bytes, bytes] = {}  # path -> manifest key (kind ... link)
         self.digests: dict[bytes, str] = {}  # path -> sha256, for the files hashed so far
         self.sparse: set[bytes] = set()
+        self.temporaries: list[bytes] = []  # full paths of AppPot temporaries met on the way
         self.total_bytes = 0
         self._walk(exclude, progress)
 
@@ -169,6 +171,9 @@ class Scan:
             for item in listing:
                 rel = rel_dir + b"/" + item.name if rel_dir else item.name
                 if excluded and excluded(rel):
+                    continue
+                if ANY_MARK in item.name and is_temporary(item.name):
+                    self.temporaries.append(item.path)  # AppPot's own, live or left by a dead run: never recorded
                     continue
                 try:
                     st = item.stat(follow_symlinks=False)
@@ -207,7 +212,12 @@ class Scan:
                         keys[member] += escape(leader)
 
     def hash_files(self, paths: Iterable[bytes], progress: Callable[[int, int], None] | None = None) -> None:
-        """Hash the regular files ``paths`` in a few threads (hashlib releases the GIL)."""
+        """Hash the regular files ``paths`` in a few threads (hashlib releases the GIL).
+
+        A hash always belongs to the size and mtime recorded with it: a file
+        whose size or mtime is no longer what the walk saw gets its key updated
+        to what was actually read (see ``_hash_one``).
+        """
         from concurrent.futures import ThreadPoolExecutor  # only hashing needs threads
 
         todo = [p for p in paths if self.keys[p][:1] == b"f" and p not in self.digests]
@@ -215,27 +225,44 @@ class Scan:
         done_bytes = 0
         workers = min(8, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for batch, digests in zip(batches, pool.map(self._hash_batch, batches)):
-                self.digests.update(zip(batch, digests))
+            for batch, results in zip(batches, pool.map(self._hash_batch, batches)):
+                for rel, (digest, size, mtime_ns) in zip(batch, results):
+                    self.digests[rel] = digest
+                    fields = self.keys[rel].split(b"\t")
+                    if (fields[4], fields[5]) != (b"%d" % size, b"%d" % mtime_ns):
+                        log.info("%s changed after it was listed; recording what was read", os.fsdecode(rel))
+                        self.total_bytes += size - int(fields[4])
+                        fields[4:6] = [b"%d" % size, b"%d" % mtime_ns]
+                        self.keys[rel] = b"\t".join(fields)
                 if progress:
                     done_bytes += sum(int(self.keys[p].split(b"\t", 5)[4]) for p in batch)
                     progress(len(self.keys), done_bytes)
 
-    def _hash_batch(self, batch: list[bytes]) -> list[str]:
+    def _hash_batch(self, batch: list[bytes]) -> list[tuple[str, int, int]]:
         return [self._hash_one(rel) for rel in batch]
 
-    def _hash_one(self, rel: bytes) -> str:
+    def _hash_one(self, rel: bytes) -> tuple[str, int, int]:
+        """The hash of ``rel`` and the size and mtime it had all the while it was read."""
         full = os.path.join(self.broot, rel)
         try:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
         except OSError as exc:
             raise fs_error(exc, "read", full) from exc
         try:
-            return hash_fd(fd, rel in self.sparse)
+            for _ in range(3):
+                before = os.fstat(fd)
+                digest = hash_fd(fd, rel in self.sparse)
+                after = os.fstat(fd)
+                if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns):
+                    return digest, after.st_size, after.st_mtime_ns
+            raise FsError(f"cannot record {os.fsdecode(full)}: it kept changing while it was read; run again when it is quiet")
+        except FsError:
+            raise
         except OSError as exc:
             raise fs_error(exc, "read", full) from exc
         finally:
             os.close(fd)
+
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """The (offset, length) runs of a file that hold data; the rest are holes."""
