@@ -10,7 +10,6 @@ directory, and powers the machine off.  See docs/boot-hook.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .account import Account, ensure_account, login_env, requested_account
@@ -27,6 +27,9 @@ from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
 from .status import Status, status_of, write_status
 from .system import Mounter, dpkg_running, early_mounts, network_interfaces, network_up, power_off, reap_orphans
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger("apppot-init")
 
@@ -234,7 +237,23 @@ def _failed_cmdline(raw: bytes, exc: ConfigError, layout: Layout, mounter: Mount
 # -- the command ---------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Options:
+    """apppot-init's options; a boot passes none (see ``parse_options``)."""
+
+    print_config: bool = False
+    cmdline: Path | None = None
+    root: Path = Path("/")
+    bind: bool = False
+    console: Path = Path("/dev/console")
+    no_poweroff: bool = False
+    verbose: bool = False
+    debug: bool = False
+
+
 def make_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Boot hook of an AppPot image: run the job the kernel command line names, as the "
@@ -254,7 +273,22 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_cmdline(args: argparse.Namespace) -> bytes:
+def parse_options(argv: list[str], pid1: bool) -> tuple[Options, list[str]]:
+    """The options and the words to ignore.
+
+    A boot (systemd's ExecStart, or the kernel starting PID 1) passes no
+    arguments: then argparse is not even imported, which saves a tenth of a
+    second of every boot in UML.  As PID 1, words the kernel passes on that
+    it does not know (e.g. 'single') are ignored, never fatal.
+    """
+    if not argv:
+        return Options(), []
+    parser = make_parser()
+    namespace, extra = parser.parse_known_args(argv) if pid1 else (parser.parse_args(argv), [])
+    return Options(**{name: getattr(namespace, name) for name in Options.__dataclass_fields__}), extra
+
+
+def read_cmdline(args: Options) -> bytes:
     path = args.cmdline or args.root / "proc/cmdline"
     try:
         return path.read_bytes()
@@ -262,7 +296,7 @@ def read_cmdline(args: argparse.Namespace) -> bytes:
         raise fs_error(exc, "read the kernel command line from", path) from exc
 
 
-def cmd_print_config(args: argparse.Namespace) -> int:
+def cmd_print_config(args: Options) -> int:
     config = parse_cmdline(read_cmdline(args))
     user, uid, group, gid = requested_account(args.root, config.user, config.uid, config.group, config.gid)
     data = config.as_json()
@@ -272,7 +306,7 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_boot(args: argparse.Namespace, pid1: bool) -> int | None:
+def cmd_boot(args: Options, pid1: bool) -> int | None:
     """The boot sequence; the job's exit code, or None when nothing may be done (dpkg runs)."""
     layout = Layout(root=args.root, hostfs=not args.bind, console=args.console)
     if pid1:
@@ -306,10 +340,7 @@ def cmd_boot(args: argparse.Namespace, pid1: bool) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     pid1 = os.getpid() == 1
-    if pid1:  # the kernel passes words it does not know (e.g. 'single') as arguments: never fail on them
-        args, extra = make_parser().parse_known_args(argv)
-    else:
-        args, extra = make_parser().parse_args(argv), []
+    args, extra = parse_options(sys.argv[1:] if argv is None else argv, pid1)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(message)s",
