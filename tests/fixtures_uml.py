@@ -33,6 +33,8 @@ LAUNCHER = SCRIPTS / "apppot-start"
 PYTHON = "/usr/bin/python3"
 IMAGE_SIZE = "3G"  # sparse: the tree is about 0.8 GB, the rest is room for a user's installs
 JOB_TIMEOUT = 300  # seconds: no single boot in these tests comes near it
+DEFAULT_SUITE = "trixie"  # build-image's default (Debian 13)
+SUITES = ("trixie", "bookworm")  # the Debian suites AppPot builds images of
 
 
 def cache_dir() -> Path:
@@ -68,23 +70,27 @@ def uml_kernel() -> Path:
     return kernel
 
 
-@pytest.fixture(scope="session")
-def apppot_image(apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> Path:
-    """The image (read-only, root-owned) in a directory the test user can read."""
+def cached_image(deb: Path, suite: str) -> Path:
+    """The image of ``suite`` with ``deb``, built by build-image once and kept in the cache."""
     images = cache_dir() / "images"
     images.mkdir(parents=True, exist_ok=True)
-    cached = images / f"apppot-{deb_content_key(apppot_deb)}.img"
+    cached = images / f"apppot-{suite}-{deb_content_key(deb)}.img"
     if not cached.is_file():
-        for old in images.glob("apppot-*.img"):
+        for old in images.glob(f"apppot-{suite}-*.img"):
             old.unlink()
         result = subprocess.run(
-            [PYTHON, SCRIPTS / "build-image", "--deb", apppot_deb, "--size", IMAGE_SIZE, "--output", cached],
+            [PYTHON, SCRIPTS / "build-image", "--suite", suite, "--deb", deb, "--size", IMAGE_SIZE, "--output", cached],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
         )
-        assert result.returncode == 0, f"build-image failed:\n{result.stderr[-4000:]}"
+        assert result.returncode == 0, f"build-image --suite {suite} failed:\n{result.stderr[-4000:]}"
+    return cached
+
+
+def shared_image(cached: Path, uml_home: Path, name: str) -> Path:
+    """``cached`` as a root-owned, read-only file in a directory the test user can read."""
     shared = uml_home.parent / "images"
     shared.mkdir(mode=0o755, exist_ok=True)
-    image = shared / "apppot.img"
+    image = shared / name
     if not image.exists():
         try:
             os.link(cached, image)
@@ -93,6 +99,21 @@ def apppot_image(apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> Path:
     os.chown(image, 0, 0)
     image.chmod(0o444)
     return image
+
+
+@pytest.fixture(scope="session")
+def apppot_image(apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> Path:
+    """The image of the default suite (read-only, root-owned) in a directory the test user can read."""
+    return shared_image(cached_image(apppot_deb, DEFAULT_SUITE), uml_home, "apppot.img")
+
+
+@pytest.fixture(scope="session", params=SUITES)
+def suite_image(request: pytest.FixtureRequest, apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> tuple[str, Path]:
+    """(suite, image) for each Debian suite AppPot builds images of; the same .deb in each."""
+    suite: str = request.param
+    if suite == DEFAULT_SUITE:
+        return suite, shared_image(cached_image(apppot_deb, suite), uml_home, "apppot.img")
+    return suite, shared_image(cached_image(apppot_deb, suite), uml_home, f"apppot-{suite}.img")
 
 
 @pytest.fixture(scope="session")
