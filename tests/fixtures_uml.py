@@ -35,6 +35,7 @@ IMAGE_SIZE = "3G"  # sparse: the tree is about 0.8 GB, the rest is room for a us
 JOB_TIMEOUT = 300  # seconds: no single boot in these tests comes near it
 DEFAULT_SUITE = "trixie"  # build-image's default (Debian 13)
 SUITES = ("trixie", "bookworm")  # the Debian suites AppPot builds images of
+KEEP_IMAGES = 3  # cached images per suite
 
 
 def cache_dir() -> Path:
@@ -76,13 +77,15 @@ def cached_image(deb: Path, suite: str) -> Path:
     images.mkdir(parents=True, exist_ok=True)
     cached = images / f"apppot-{suite}-{deb_content_key(deb)}.img"
     if not cached.is_file():
-        for old in images.glob(f"apppot-{suite}-*.img"):
-            old.unlink()
+        # Keep a few recent ones: other checkouts (worktrees) on this machine may be using theirs.
+        for old in sorted(images.glob(f"apppot-{suite}-*.img"), key=lambda p: p.stat().st_mtime)[:-KEEP_IMAGES]:
+            old.unlink(missing_ok=True)
         result = subprocess.run(
             [PYTHON, SCRIPTS / "build-image", "--suite", suite, "--deb", deb, "--size", IMAGE_SIZE, "--output", cached],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
         )
         assert result.returncode == 0, f"build-image --suite {suite} failed:\n{result.stderr[-4000:]}"
+    os.utime(cached)  # recently used: kept
     return cached
 
 

@@ -36,7 +36,8 @@ REQUIRED_DEPENDS = {
     "iproute2",  # the boot hook configures eth0 with ip(8) when it runs as PID 1
 }
 CONFFILES = {"/etc/apppot/exclude", "/etc/default/apppot", "/etc/apt/preferences.d/apppot", "/etc/init.d/apppot"}
-CONSOLE_UNITS = ("console-getty.service", "getty@tty0.service", "getty@tty1.service", "serial-getty@ttyS0.service")
+CONSOLE_UNITS = ("console-getty.service", "getty@tty0.service", "getty@tty1.service", "serial-getty@ttyS0.service",
+                 "getty-static.service")
 INITTAB = (
     "id:2:initdefault:\n"
     "si::sysinit:/etc/init.d/rcS\n"

@@ -36,8 +36,8 @@ def test_the_tools_a_scientist_reaches_for(suite_image: SuiteImage, uml_user: Ac
     jed --version | head -1
     nano --version | head -1
     less --version | head -1
-    ps -o comm= -p $$
-    top -b -n 1 | head -1 | cut -c1-3
+    ps -o comm= -p 1
+    top -b -n 1 >/dev/null && echo top
     wget --version | head -1 | cut -d' ' -f1-2
     file --brief --mime-type /etc/hostname
     test -s /etc/ssl/certs/ca-certificates.crt && echo ca-certificates
@@ -49,7 +49,7 @@ def test_the_tools_a_scientist_reaches_for(suite_image: SuiteImage, uml_user: Ac
     lines = result.stdout.splitlines()
     assert lines[0] == RELEASES[suite], lines
     assert "jed" in lines[1].lower() and "nano" in lines[2] and lines[3].startswith("less "), lines
-    assert lines[4:] == ["ps", "top", "GNU Wget", "text/plain", "ca-certificates", "gcc", "GNU Fortran (Debian"], lines
+    assert lines[4:] == ["systemd", "top", "GNU Wget", "text/plain", "ca-certificates", "gcc", "GNU Fortran (Debian"], lines
 
 
 def test_the_single_user_policy_in_a_batch_boot(suite_image: SuiteImage, uml_user: Account, uml_jobdir: Path) -> None:
