@@ -42,7 +42,8 @@ DEMO_DIR := out/demo
 DEMO_UID := $(or $(SUDO_UID),1000)
 DEMO_GID := $(or $(SUDO_GID),1000)
 DEMO_AS := setpriv --reuid=$(DEMO_UID) --regid=$(DEMO_GID) --clear-groups
-.PHONY: image demo bench-boot
+IMAGE_BOOKWORM ?= out/apppot-bookworm.img
+.PHONY: image demo bench-boot bench-images
 image: deps
 	mkdir -p $(dir $(IMAGE))
 	deb=$$($(PY) scripts/build-deb) && $(PY) scripts/build-image --deb "$$deb" --output $(IMAGE)
@@ -61,3 +62,11 @@ demo: deps kernel $(IMAGE)
 
 bench-boot: deps kernel $(IMAGE)
 	$(PY) bench/bench_boot.py --image $(IMAGE) --write docs/benchmarks.md
+
+# The images of both suites side by side: size, packages, boot (docs/benchmarks.md).
+$(IMAGE_BOOKWORM):
+	mkdir -p $(dir $@)
+	deb=$$($(PY) scripts/build-deb) && $(PY) scripts/build-image --suite bookworm --deb "$$deb" --output $@
+
+bench-images: deps kernel $(IMAGE) $(IMAGE_BOOKWORM)
+	$(PY) bench/bench_images.py trixie=$(IMAGE) bookworm=$(IMAGE_BOOKWORM) --write docs/benchmarks.md
