@@ -207,7 +207,11 @@ def test_account_and_passwordless_sudo(installed_tree: Path) -> None:
     with mkrootfs.chroot_session(root):
         # The user really gets root without a password.
         out = in_tree(root, "runuser", "-u", "user", "--", "sudo", "-n", "id", "-u")
+        assert out.stdout.strip() == "0"
+        # And root has no password: su works without one (the image policy).
+        out = in_tree(root, "runuser", "-u", "user", "--", "su", "-c", "id -u", "root")
     assert out.stdout.strip() == "0"
+    assert in_tree(root, "getent", "shadow", "root").stdout.split(":")[1] == ""
 
 
 @pytest.mark.integration
@@ -341,6 +345,7 @@ def test_remove_gives_the_console_back(installed_tree: Path, tree_copy: Callable
     for unit in CONSOLE_UNITS:
         assert not (root / "etc/systemd/system" / unit).is_symlink(), unit
     assert is_enabled(root, "getty@tty1.service") == "enabled"
+    assert in_tree(root, "getent", "shadow", "root").stdout.split(":")[1] == "!", "root is locked again"
     assert not (root / "usr/bin/apppot-snap").exists()
     assert (root / "etc/apppot/exclude").is_file()  # conffiles stay until purge
     assert (root / "home/user").is_dir()
