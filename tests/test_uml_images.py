@@ -1,6 +1,7 @@
 """Images people can work in, for each suite AppPot builds (Debian 13 and 12), booted in real UML:
-the tools a scientist reaches for, the single-user image policy, and upgrading the apppot package
-inside a booted desktop image from a local apt repository."""
+the tools a scientist reaches for, the single-user image policy, upgrading the apppot package
+inside a booted desktop image from a local apt repository, and an image made of nothing but a
+Debian tree with the package installed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,27 @@ def test_apt_get_upgrade_apppot_in_a_booted_desktop_image(
     assert record["apppot_version"] == new_version.partition("-")[0]
     desktop.unlink()
     shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_the_package_alone_makes_a_tree_an_image(installed_tree: Path, tree_copy: Callable[..., Path],
+                                                 uml_user: Account, uml_jobdir: Path, uml_kernel: Path) -> None:
+    """Everything a boot needs comes with the apppot package: a Debian tree with only the package
+    installed, made an image by plain mkfs.ext4 -d with nothing but what is specific to one image
+    (fstab, hostname, the name server), runs a batch job with its network."""
+    root = tree_copy(installed_tree)
+    (root / "etc/fstab").write_text("/dev/ubda / ext4 defaults 0 0\n")
+    (root / "etc/hostname").write_text("plain\n")
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").write_text("nameserver 10.0.2.3\n")
+    image = uml_user.home.parent / "images" / "plain.img"
+    image.parent.mkdir(mode=0o755, exist_ok=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", root, image, "3G"], check=True, capture_output=True)
+    image.chmod(0o444)
+    try:
+        result = start(uml_user, image, uml_jobdir, "sh", "-c", "hostname; ip -br -4 address show dev vec0; exit 9")
+        assert result.returncode == 9, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == "plain" and "10.0.2.15/24" in lines[1], result.stdout
+        assert json.loads((uml_jobdir / "apppot.status.json").read_text())["network"] == ["vec0"]
+    finally:
+        image.unlink()
