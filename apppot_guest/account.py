@@ -211,7 +211,7 @@ def login_env(account: Account, term: str | None, root: Path = Path("/")) -> dic
                 lang = line[5:].strip().strip("\"'") or lang
     except OSError:
         pass
-    return {
+    env = {
         "HOME": os.fspath(account.home),
         "USER": account.name,
         "LOGNAME": account.name,
@@ -220,3 +220,9 @@ def login_env(account: Account, term: str | None, root: Path = Path("/")) -> dic
         "LANG": lang,
         "TERM": term or "linux",
     }
+    if term == "dumb":
+        # The job's output goes to a file or a pipe on the host, but in the guest it is
+        # the console, a terminal: programs that colour a terminal whatever TERM says
+        # (ip(8) since iproute2 6.x) honour NO_COLOR (no-color.org).
+        env["NO_COLOR"] = "1"
+    return env

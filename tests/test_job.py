@@ -264,3 +264,12 @@ def test_an_oom_killed_job_says_so(job_user: Account, job_dir: Path) -> None:
     result, _ = outcome["r"]
     assert (result.outcome, result.exit_code, result.signal) == (Outcome.KILLED, 137, signal.SIGKILL)
     assert result.oom_killed
+
+
+@pytest.mark.parametrize(("term", "no_color"), [("dumb", "1"), ("xterm-256color", None), (None, None)])
+def test_a_batch_jobs_console_asks_for_no_colour(tmp_path: Path, term: str | None, no_color: str | None) -> None:
+    """TERM=dumb (the launcher's output is not a terminal): the job's console is still a terminal in the guest,
+    so programs that colour any terminal (ip) are told NO_COLOR as well."""
+    account = Account("someone", 4242, "someone", 4242, tmp_path, "/bin/sh", ())
+    env = login_env(account, term, tmp_path)
+    assert env.get("NO_COLOR") == no_color and env["TERM"] == (term or "linux")
