@@ -43,7 +43,8 @@ from typing import Any
 from pathlib import Path
 
 from .atomicfile import write_atomic
-from .errors import ConfigError, display_path, fs_error
+from . import __version__
+from .errors import ConfigError, ProtocolError, display_path, fs_error
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,14 @@ MAX_ID = 2**32 - 2  # (uid_t) -1 is "no id"
 # no-break space), applied to bytes.
 KERNEL_SPACE = frozenset(b" \t\n\v\f\r\xa0")
 
-KEYS = ("cmd", "cmdfile", "cwd", "user", "uid", "group", "gid", "jobdir", "tmpdir", "changes", "timeout")
+# The version of what the launcher and the boot hook say to each other on the
+# kernel command line (the apppot.* words, the command file, the status
+# record).  Bump it when an old hook would misread a new launcher or the other
+# way round; apppot-init refuses another version with a status record that
+# names both.  1 is AppPot 1.0's (whose hook does not check it).
+PROTOCOL = 1
+
+KEYS = ("protocol", "cmd", "cmdfile", "cwd", "user", "uid", "group", "gid", "jobdir", "tmpdir", "changes", "timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,7 @@ class BootConfig:
     (relative to the kernel's ``hostfs=DIR`` when that is given).
     """
 
+    protocol: int | None = None
     argv: tuple[str, ...] | None = None
     cmdfile: str | None = None
     cwd: str | None = None
@@ -100,6 +109,8 @@ class BootConfig:
     def kernel_args(self) -> list[str]:
         """The kernel command-line words for this configuration (host side)."""
         words: list[str] = []
+        if self.protocol is not None:  # first: a hook checks it before it reads anything else
+            words.append(f"{PREFIX}protocol={self.protocol}")
         if self.argv is not None:
             words.append(f"{PREFIX}cmd={encode_argv(self.argv)}")
         for key, encode in KERNEL_FIELDS:
@@ -306,10 +317,21 @@ def parse_cmdline(data: bytes | str) -> BootConfig:
             continue
         if value is None:
             raise ConfigError(f"{display_path(key)} needs a value ({display_path(key)}=...)")
+        if name == "protocol" and name not in seen:
+            check_protocol(value)
         if name in seen:
             raise ConfigError(f"{display_path(key)} is given twice on the kernel command line")
         seen[name] = value
     return _config_from_words(seen, tuple(unknown))
+
+
+def check_protocol(value: str) -> None:
+    """Refuse a launcher that speaks another protocol, naming both versions."""
+    if value != str(PROTOCOL):
+        raise ProtocolError(
+            f"the launcher speaks AppPot protocol {display_path(value)[:20]}, this image's apppot-init "
+            f"(apppot {__version__}) speaks protocol {PROTOCOL}: use a launcher and an image of the same "
+            "AppPot release (apppot-start --version; dpkg-query -W apppot in the image)")
 
 
 def _config_from_words(seen: dict[str, str], unknown: tuple[str, ...]) -> BootConfig:
@@ -317,7 +339,7 @@ def _config_from_words(seen: dict[str, str], unknown: tuple[str, ...]) -> BootCo
     for name, value in seen.items():
         if name == "cmd":
             fields["argv"] = decode_argv(value)
-        elif name in ("uid", "gid"):
+        elif name in ("uid", "gid", "protocol"):
             if not re.fullmatch(r"[0-9]{1,10}", value):
                 raise ConfigError(f"apppot.{name}={display_path(value)}: not a number")
             fields[name] = int(value)

@@ -32,6 +32,10 @@ class ConfigError(AppPotError):
     summary = "bad configuration (exclude list, kernel command line, defaults file)"
 
 
+class ProtocolError(ConfigError):
+    """The launcher and the image's boot hook speak different versions of the kernel command line."""
+
+
 class NoBaseError(AppPotError):
     exit_code = 4
     summary = "no base manifest recorded under the root (run 'apppot-snap base')"

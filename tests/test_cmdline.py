@@ -23,6 +23,7 @@ from apppot_guest.cmdline import (
     split_cmdline,
 )
 from apppot_guest.errors import ConfigError
+from apppot_guest import __version__
 
 UML_WORDS = ["ubd0=/srv/base.img", "mem=512M", "con0=fd:0,fd:1", "con=null", "hostfs=/scratch/job 1", "root=/dev/ubda"]
 
@@ -205,3 +206,19 @@ def test_max_cmdline_is_umls_real_limit() -> None:
 
     assert not refused(MAX_CMDLINE)
     assert refused(MAX_CMDLINE + 1)
+
+
+def test_the_protocol_goes_first_and_another_one_is_refused_naming_both() -> None:
+    from apppot_guest.cmdline import PROTOCOL
+    from apppot_guest.errors import ProtocolError
+
+    words = BootConfig(protocol=PROTOCOL, argv=("true",)).kernel_args()
+    assert words[0] == f"apppot.protocol={PROTOCOL}"
+    assert parse_cmdline(" ".join(words)).protocol == PROTOCOL
+    assert parse_cmdline("apppot.cmd=b64:dHJ1ZQA").protocol is None  # AppPot 1.0's launcher did not send it
+    with pytest.raises(ProtocolError) as caught:
+        parse_cmdline(f"apppot.protocol=99 {' '.join(words)}")  # checked before anything else
+    assert f"the launcher speaks AppPot protocol 99, this image's apppot-init (apppot {__version__}) speaks protocol " \
+           f"{PROTOCOL}" in str(caught.value)
+    with pytest.raises(ProtocolError):
+        parse_cmdline("apppot.protocol=1x")

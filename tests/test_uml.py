@@ -282,3 +282,14 @@ def test_a_fresh_image_shows_no_changes_but_the_boots_own(start_job: Start, uml_
     lines = [line for line in result.stdout.splitlines() if line[:2] in ("A ", "M ", "D ")]
     outside = [line for line in lines if line[2:] not in ("/etc", "/home") and not line[2:].startswith(("/etc/", "/home/"))]
     assert outside == [] and len(lines) < 40, result.stdout
+
+
+def test_a_launcher_of_another_protocol_is_refused_naming_both_versions(start_job: Start, uml_jobdir: Path) -> None:
+    """An image whose hook speaks another protocol than the launcher: 125 and one line naming both, no guessing."""
+    result = start_job(uml_jobdir, "touch", "ran", options=["--extra", "apppot.protocol=99"])
+    assert result.returncode == 125, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("apppot-start: error: ")]
+    assert len(errors) == 1 and "protocol 99" in errors[0] and "speaks protocol 1:" in errors[0], result.stderr
+    assert not (uml_jobdir / "ran").exists()
+    assert status(uml_jobdir)["outcome"] == "setup-failed"
+
