@@ -49,6 +49,9 @@ setup(
                                      "usr/lib/systemd/system/apppot-network.service"]),
         ("/usr/lib/systemd/system/systemd-remount-fs.service.d",
          ["usr/lib/systemd/system/systemd-remount-fs.service.d/apppot.conf"]),
+        *((f"/usr/lib/systemd/system/{unit}.d", [f"usr/lib/systemd/system/{unit}.d/apppot-uml.conf"])
+          for unit in ("proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount",
+                       "systemd-binfmt.service", "systemd-modules-load.service")),
     ],
     python_requires=">=3.11",
     entry_points={

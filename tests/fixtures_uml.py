@@ -12,6 +12,7 @@ own kernel (``uml_kernel``), which apppot-start finds in the checkout's out/.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -35,7 +37,8 @@ IMAGE_SIZE = "3G"  # sparse: the tree is about 0.8 GB, the rest is room for a us
 JOB_TIMEOUT = 300  # seconds: no single boot in these tests comes near it
 DEFAULT_SUITE = "trixie"  # build-image's default (Debian 13)
 SUITES = ("trixie", "bookworm")  # the Debian suites AppPot builds images of
-KEEP_IMAGES = 3  # cached images per suite
+KEEP_IMAGES = 2  # cached images per suite, and any used in the last KEEP_SECONDS
+KEEP_SECONDS = 6 * 3600
 
 
 def cache_dir() -> Path:
@@ -71,52 +74,58 @@ def uml_kernel() -> Path:
     return kernel
 
 
-def cached_image(deb: Path, suite: str) -> Path:
-    """The image of ``suite`` with ``deb``, built by build-image once and kept in the cache."""
+def cached_image(deb: Path, suite: str, uml_home: Path, name: str) -> Path:
+    """The image of ``suite`` with ``deb`` (built by build-image once and kept in the cache), as a
+    root-owned, read-only file ``name`` in a directory the test user can read."""
     images = cache_dir() / "images"
     images.mkdir(parents=True, exist_ok=True)
     cached = images / f"apppot-{suite}-{deb_content_key(deb)}.img"
-    if not cached.is_file():
-        # Keep a few recent ones: other checkouts (worktrees) on this machine may be using theirs.
-        for old in sorted(images.glob(f"apppot-{suite}-*.img"), key=lambda p: p.stat().st_mtime)[:-KEEP_IMAGES]:
-            old.unlink(missing_ok=True)
-        result = subprocess.run(
-            [PYTHON, SCRIPTS / "build-image", "--suite", suite, "--deb", deb, "--size", IMAGE_SIZE, "--output", cached],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
-        )
-        assert result.returncode == 0, f"build-image --suite {suite} failed:\n{result.stderr[-4000:]}"
-    os.utime(cached)  # recently used: kept
-    return cached
-
-
-def shared_image(cached: Path, uml_home: Path, name: str) -> Path:
-    """``cached`` as a root-owned, read-only file in a directory the test user can read."""
     shared = uml_home.parent / "images"
     shared.mkdir(mode=0o755, exist_ok=True)
     image = shared / name
-    if not image.exists():
+    while not image.exists():
+        if not cached.is_file():
+            evict_old_images(images, suite)
+            result = subprocess.run(
+                [PYTHON, SCRIPTS / "build-image", "--suite", suite, "--deb", deb, "--size", IMAGE_SIZE, "--output", cached],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+            )
+            assert result.returncode == 0, f"build-image --suite {suite} failed:\n{result.stderr[-4000:]}"
         try:
-            os.link(cached, image)
-        except OSError:
+            os.link(cached, image)  # ours from here on, whatever happens to the cache entry
+        except FileNotFoundError:
+            continue  # evicted by another checkout's tests just now: build it again
+        except OSError:  # another file system
             subprocess.run(["cp", "--sparse=always", os.fspath(cached), os.fspath(image)], check=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(cached)
     os.chown(image, 0, 0)
     image.chmod(0o444)
     return image
 
 
+def evict_old_images(images: Path, suite: str) -> None:
+    """Keep the newest few of a suite, and any used in the last hours (other checkouts on this machine)."""
+    found = []
+    for path in images.glob(f"apppot-{suite}-*.img"):
+        with contextlib.suppress(FileNotFoundError):
+            found.append((path.stat().st_mtime, path))
+    for mtime, path in sorted(found)[:-KEEP_IMAGES]:
+        if time.time() - mtime > KEEP_SECONDS:
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def apppot_image(apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> Path:
     """The image of the default suite (read-only, root-owned) in a directory the test user can read."""
-    return shared_image(cached_image(apppot_deb, DEFAULT_SUITE), uml_home, "apppot.img")
+    return cached_image(apppot_deb, DEFAULT_SUITE, uml_home, "apppot.img")
 
 
 @pytest.fixture(scope="session", params=SUITES)
 def suite_image(request: pytest.FixtureRequest, apppot_deb: Path, uml_home: Path, uml_kernel: Path) -> tuple[str, Path]:
     """(suite, image) for each Debian suite AppPot builds images of; the same .deb in each."""
     suite: str = request.param
-    if suite == DEFAULT_SUITE:
-        return suite, shared_image(cached_image(apppot_deb, suite), uml_home, "apppot.img")
-    return suite, shared_image(cached_image(apppot_deb, suite), uml_home, f"apppot-{suite}.img")
+    return suite, cached_image(apppot_deb, suite, uml_home, "apppot.img" if suite == DEFAULT_SUITE else f"apppot-{suite}.img")
 
 
 @pytest.fixture(scope="session")
