@@ -43,7 +43,7 @@ DEMO_UID := $(or $(SUDO_UID),1000)
 DEMO_GID := $(or $(SUDO_GID),1000)
 DEMO_AS := setpriv --reuid=$(DEMO_UID) --regid=$(DEMO_GID) --clear-groups
 IMAGE_BOOKWORM ?= out/apppot-bookworm.img
-.PHONY: image demo bench-boot bench-images
+.PHONY: image demo bench-boot bench-images example
 image: deps
 	mkdir -p $(dir $(IMAGE))
 	deb=$$($(PY) scripts/build-deb) && $(PY) scripts/build-image --deb "$$deb" --output $(IMAGE)
@@ -70,3 +70,9 @@ $(IMAGE_BOOKWORM):
 
 bench-images: deps kernel $(IMAGE) $(IMAGE_BOOKWORM)
 	$(PY) bench/bench_images.py trixie=$(IMAGE) bookworm=$(IMAGE_BOOKWORM) --write docs/benchmarks.md
+
+# The worked example (examples/gauss, README): build a numerical code in a desktop
+# copy of the image, save the delta, run jobs on the pristine image (out/example/).
+example: deps kernel $(IMAGE)
+	@rm -rf out/example && mkdir -p out/example && chown $(DEMO_UID):$(DEMO_GID) out/example
+	$(DEMO_AS) examples/gauss/run-example $(IMAGE) out/example
