@@ -145,13 +145,17 @@ def test_hostfs_reaches_only_the_job_directory(start_job: Start, uml_jobdir: Pat
     (uml_jobdir / "inside").mkdir()
     (uml_jobdir / "inside" / "marker").write_text("in the job dir\n")
     (uml_user.home / "outside-marker").write_text("must not be seen\n")
+    # mount(8) of Debian 13 uses the new mount API, where the host path is the option hostfs=PATH;
+    # Debian 12's passes the options as one string, which hostfs takes as the path itself.
     probe = (
         "sudo mkdir -p /mnt/plain /mnt/abs /mnt/sub; "
+        "if sudo mount -t hostfs -o hostfs=/inside none /mnt/sub 2>/dev/null; then sudo umount /mnt/sub; k=hostfs=; "
+        "else k=; fi; "
         "sudo mount -t hostfs none /mnt/plain && ls -a /mnt/plain > plain.txt; "
-        f"sudo mount -t hostfs -o {shlex.quote(os.fspath(uml_user.home))} none /mnt/abs; echo $? > abs-rc.txt; "
+        f"sudo mount -t hostfs -o $k{shlex.quote(os.fspath(uml_user.home))} none /mnt/abs; echo $? > abs-rc.txt; "
         "ls -a /mnt/abs > abs.txt; "
-        "sudo mount -t hostfs -o /inside none /mnt/sub && cat /mnt/sub/marker > sub.txt; "
-        "sudo mount -t hostfs -o /etc none /mnt/abs; echo $? > etc-rc.txt"
+        "sudo mount -t hostfs -o ${k}/inside none /mnt/sub && cat /mnt/sub/marker > sub.txt; "
+        "sudo mount -t hostfs -o ${k}/etc none /mnt/abs; echo $? > etc-rc.txt"
     )
     result = start_job(uml_jobdir, "sh", "-c", probe)
     assert result.returncode == 0, result.stdout + result.stderr
