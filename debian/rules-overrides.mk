@@ -19,3 +19,11 @@ override_dh_installsystemd:
 
 override_dh_installinit:
 	dh_installinit --no-start --no-stop-on-upgrade
+
+# Manual pages made from the commands' own argparse parsers (apppot_guest/manpage.py):
+# they say exactly what --help says.
+override_dh_installman:
+	mkdir -p debian/man
+	/usr/bin/python3 -m apppot_guest.manpage apppot_guest.snap:build_parser 1 > debian/man/apppot-snap.1
+	/usr/bin/python3 -m apppot_guest.manpage apppot_guest.init:make_parser 8 > debian/man/apppot-init.8
+	dh_installman debian/man/apppot-snap.1 debian/man/apppot-init.8

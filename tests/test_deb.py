@@ -3,6 +3,7 @@ installed, upgraded, removed and purged with apt in real Debian 12 trees."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import stat
@@ -14,6 +15,7 @@ import pytest
 from fixtures_debian import (
     CHECKOUT,
     IMAGE_PACKAGES,
+    PYTHON,
     SCRIPTS,
     bump_version,
     in_tree,
@@ -167,6 +169,22 @@ def test_lintian_reports_no_errors(apppot_deb: Path) -> None:
     errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
     assert errors == [], "\n".join(errors)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "no-manual-page" not in result.stdout
+
+
+@pytest.mark.integration
+def test_manual_pages_say_what_help_says(apppot_deb: Path, tmp_path: Path) -> None:
+    """Made from the parsers at build time: every option of --help is on the page."""
+    subprocess.run(["dpkg-deb", "--extract", apppot_deb, tmp_path], check=True)
+    for page, module in (("man1/apppot-snap.1.gz", "snap"), ("man8/apppot-init.8.gz", "init")):
+        text = gzip.decompress((tmp_path / "usr/share/man" / page).read_bytes()).decode().replace("\\-", "-")
+        assert text.startswith(f'.TH "APPPOT-{module.upper()}" ')
+        help_text = subprocess.run([PYTHON, "-m", f"apppot_guest.{module}", "--help"], capture_output=True, text=True,
+                                   cwd=CHECKOUT, env={**os.environ, "COLUMNS": "80"}, check=True).stdout
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", help_text))
+        assert {"--help", "--debug"} <= options and len(options) >= 5, options
+        for option in options:
+            assert option in text, (page, option)
 
 
 # --- installed with apt into Debian 12 ---------------------------------------------------
