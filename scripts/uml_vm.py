@@ -131,7 +131,10 @@ class Vm:
         self.timed_out = False
 
     def stop(self, reason: str) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:  # not started yet: _wait stops it as soon as it is
+            self.stop_reason = self.stop_reason or reason
+            return
+        if self.proc.poll() is not None:
             return
         if self.stop_reason is None:
             self.stop_reason = reason
@@ -205,6 +208,9 @@ class Vm:
         assert self.proc is not None
         deadline = time.monotonic() + self.time_limit if self.time_limit else None
         kill_at: float | None = None
+        if self.stop_reason is not None:  # a signal came while UML was being started
+            log.warning("stopping the VM: %s", self.stop_reason)
+            self._signal_group(signal.SIGTERM)
         exited = False
         while not exited or draining():
             if not exited and self.proc.poll() is not None:
