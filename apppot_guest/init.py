@@ -125,7 +125,8 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             delta = _mount_delta(config.changes, layout, mounter)
             _merge(layout.root, delta)
         except AppPotError as exc:
-            log.error("merge failed: %s", exc)
+            # Said once: by apppot-start from the status record, on the console only when there is none.
+            (log.info if status_dir is not None else log.error)("merge failed: %s", exc)
             return finish(JobResult.failed(Outcome.MERGE_FAILED, str(exc), started))
         except Exception as exc:  # a bug in the merge must still be reported and power off
             log.error("merge failed: %s", "".join(traceback.format_exception_only(exc)).strip())

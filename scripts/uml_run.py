@@ -32,6 +32,7 @@ from pathlib import Path
 
 from apppot_guest.atomicfile import write_atomic
 from apppot_guest.errors import AppPotError, UsageError, display_path, fs_error
+from apppot_guest.job import Outcome
 from apppot_guest.status import EXITCODE_FILE, STATUS_FILE, Status
 
 log = logging.getLogger("apppot-start")
@@ -127,7 +128,7 @@ def stopped_status(signum: int, name: str, command: tuple[str, ...] | None, uid:
     finished = datetime.now(timezone.utc)
     why = "the batch system's time limit or scancel" if signum != 2 else "Ctrl-C"
     return Status(
-        exit_code=128 + signum, signal=signum, outcome="stopped",
+        exit_code=128 + signum, signal=signum, outcome=str(Outcome.STOPPED),
         error=f"apppot-start got {name} ({why}) at {finished.isoformat(timespec='seconds')}: the VM was stopped",
         command=command, cwd=None, user=None, uid=uid, gid=gid, started_at=started, finished_at=finished,
         wall_seconds=round((finished - started).total_seconds(), 3), cpu_user_seconds=0.0, cpu_system_seconds=0.0,
