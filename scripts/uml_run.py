@@ -140,44 +140,50 @@ def stopped_status(signum: int, name: str, command: tuple[str, ...] | None, uid:
 
 
 def lock_holder(fd: int) -> int | None:
-    """The PID that holds a lock on the file open at ``fd`` (from /proc/locks), if one can be found."""
+    """The PID that holds a flock on the file open at ``fd`` (from /proc/locks), if one can be found."""
     st = os.fstat(fd)
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with contextlib.suppress(OSError):
         for line in Path("/proc/locks").read_text().splitlines():
             fields = line.split()
-            if len(fields) >= 6 and fields[-3] == key and fields[-4].isdigit() and fields[-4] != str(os.getpid()):
+            if "FLOCK" in fields and fields[-3] == key and fields[-4].isdigit() and fields[-4] != str(os.getpid()):
                 return int(fields[-4])
     return None
 
 
-def lock_image(path: Path) -> int:
-    """Hold the writable disk ``path`` for this run (an open descriptor under ``flock``); BusyError if in use.
+def lock_image(path: Path, exclusive: bool) -> int:
+    """Hold the disk file ``path`` for this run (an open descriptor under ``flock``); BusyError if in use.
 
-    Booting one writable image twice ends in a kernel panic in the second VM
-    (UML's own POSIX lock on the file fails inside ``ubd_init``).  The flock is
-    released when the launcher exits, however it exits.  On NFS, where flock
-    is emulated with the same POSIX locks UML takes, only UML's lock is checked.
+    A disk the VM writes (a writable image used in place, a COW file) is held
+    exclusively; an image used as a read-only base is held shared, so any
+    number of jobs share it, but never while a VM writes it in place.  Booting
+    one writable image twice ends in a kernel panic in the second VM (UML's
+    own POSIX lock on the file fails inside ``ubd_init``); this refuses the
+    second launcher before it boots.  The flock goes when the launcher exits,
+    however it exits.  On NFS, where flock is emulated with the same POSIX
+    locks UML takes, only UML's lock is checked.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise fs_error(exc, "open", path) from exc
     try:
-        holder = _posix_lock_holder(fd)  # a UML that was started some other way
-        if holder is None and not _is_nfs(path):
+        holder = None
+        if not _is_nfs(path):
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = lock_holder(fd) or -1
+                holder = lock_holder(fd) or -1  # another apppot-start
+        holder = holder or _posix_lock_holder(fd, exclusive)  # a UML that was started some other way
     except OSError:
         os.close(fd)
         raise
     if holder is not None:
         os.close(fd)
         who = f"PID {holder}" if holder > 0 else "another process"
-        raise BusyError(f"image {display_path(path)} in use by {who}: a writable image runs one VM at a time "
-                        "(use --ephemeral for a throw-away copy-on-write file, or wait)")
+        raise BusyError(f"image {display_path(path)} in use by {who}: " + (
+            "a writable image runs one VM at a time; wait for it, or boot a copy" if exclusive else
+            "a VM writes it in place; wait for it"))
     return fd
 
 
@@ -195,11 +201,11 @@ def _is_nfs(path: Path) -> bool:
     return False
 
 
-def _posix_lock_holder(fd: int) -> int | None:
-    """The PID of a process (a running UML) holding a POSIX write lock on the file, else None."""
+def _posix_lock_holder(fd: int, exclusive: bool) -> int | None:
+    """The PID of a process (a running UML) holding a POSIX lock on the file that ours would conflict with."""
     import struct
 
-    probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    probe = struct.pack("hhqqi", fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
     try:
         answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
     except OSError:
