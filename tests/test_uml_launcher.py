@@ -218,7 +218,7 @@ def test_network_needs_vde_plug_and_says_how_to_get_it(tmp_path: Path, image: Pa
 def test_help_documents_exit_codes() -> None:
     result = launcher("--help")
     assert result.returncode == 0
-    for text in ("125", "124", "127", "128+N", "APPPOT_IMAGE", "--dry-run", "--changes"):
+    for text in ("125", "124", "127", "128+N", "130, 143", "APPPOT_IMAGE", "--dry-run", "--changes", "1:30:00", "2GiB"):
         assert text in result.stdout
 
 
