@@ -76,8 +76,9 @@ def remove_stale_status(jobdir: Path) -> None:
 def guest_error(plan: Plan, error: object) -> str:
     """The guest's error for the user: the delta named as they gave it, hints that apppot-start can act on."""
     text = str(error)
-    if plan.changes is not None:
-        text = re.sub(r"/run/apppot/changes/[^\s:;,()]+", lambda _: display_path(plan.changes), text)
+    if plan.changes is not None:  # the guest's name for it: /run/apppot/changes/NAME (RunDir.place_changes)
+        guest = f"/run/apppot/changes/{os.path.basename(os.path.realpath(os.path.expanduser(plan.changes)))}"
+        text = text.replace(guest, display_path(plan.changes))
     text = re.sub(r";? ?\(?--force applies it anyway\)?", "; make the delta again from a boot of this image "
                   "(apppot-snap changes)", text)
     return text
@@ -117,7 +118,10 @@ def run_vm(plan: Plan, network: bool) -> int:
     if found is not None:  # this run's own record: the job ended (even if a signal came after)
         status, raw = found
         code = int(status["exit_code"])  # type: ignore[arg-type]
-        publish_status(plan.jobdir, raw, code)
+        try:
+            publish_status(plan.jobdir, raw, code)
+        except AppPotError as exc:  # the code is known: a job directory that cannot take its record does not change it
+            sys.stderr.write(f"{PROG}: warning: {exc}\n")
         log.info("job finished: outcome %s, exit code %d", status.get("outcome"), code)
         if status.get("outcome") in GUEST_FAILURES:
             sys.stderr.write(f"{PROG}: error: the job did not run ({status['outcome']}): {guest_error(plan, status.get('error'))}\n")

@@ -174,6 +174,8 @@ def lock_image(path: Path, exclusive: bool) -> int:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = lock_holder(fd) or -1  # another apppot-start
+            except OSError as exc:  # a file system without flock (some Lustre mounts): UML's own lock still counts
+                log.info("cannot lock %s (%s): only a running UML's lock is checked", display_path(path), exc.strerror)
         holder = holder or _posix_lock_holder(fd, exclusive)  # a UML that was started some other way
     except OSError:
         os.close(fd)

@@ -62,7 +62,7 @@ def test_many_jobs_in_one_job_directory_each_exit_with_their_own_code(
     """A Slurm array: every task starts in the submit directory.  No launcher may take another job's code."""
     procs = []
     for n in range(JOBS_AT_ONCE):
-        prog = ["sh", "-c", f'sleep 0.{n % 4}; echo "job {n}" >> out.txt; exit "$1"', "sh", str(n + 1)]
+        prog = ["sh", "-c", f'sleep 0.{n % 4}; echo "job {n}" > out.{n}; exit "$1"', "sh", str(n + 1)]
         if n % 3 == 0:
             prog.append(LONG_ARG)
         procs.append((n, launch(uml_user, apppot_image, shared_jobdir, *prog, options=("--mem", "256m", "--no-network"))))
@@ -71,12 +71,13 @@ def test_many_jobs_in_one_job_directory_each_exit_with_their_own_code(
         _, err = proc.communicate(timeout=900)
         codes[n] = proc.returncode
         assert proc.returncode == n + 1, f"job {n} exited {proc.returncode}: {err}"
-    assert sorted((shared_jobdir / "out.txt").read_text().splitlines()) == sorted(f"job {n}" for n in range(JOBS_AT_ONCE))
+    assert all((shared_jobdir / f"out.{n}").read_text() == f"job {n}\n" for n in range(JOBS_AT_ONCE))
     record = json.loads((shared_jobdir / "apppot.status.json").read_text())
     assert record["outcome"] == "exited" and record["command"][:2] == ["sh", "-c"]
     assert record["exit_code"] == int(record["command"][4]), "the published record is one run's, complete"
     assert int((shared_jobdir / "apppot.exitcode").read_text()) in codes.values()
-    assert sorted(p.name for p in shared_jobdir.iterdir()) == ["apppot.exitcode", "apppot.status.json", "out.txt"]
+    assert sorted(p.name for p in shared_jobdir.iterdir()) == sorted(
+        ["apppot.exitcode", "apppot.status.json", *(f"out.{n}" for n in range(JOBS_AT_ONCE))])
     procs_left, run_dirs = leftovers(uml_user)
     assert run_dirs == [] and "linux" not in procs_left
 
