@@ -159,7 +159,8 @@ class Vm:
 
     def _run_on_terminal(self, env: dict[str, str]) -> int:
         with terminal_restored(sys.stdin.fileno()):
-            self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, stderr=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent)
             return self._wait(lambda: None)
 
     def _run_piped(self, env: dict[str, str]) -> tuple[int, bytes]:
@@ -170,6 +171,7 @@ class Vm:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         console = ConsoleFilter(sys.stdout.fileno())
         uml_log: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)
@@ -232,6 +234,15 @@ class Vm:
                     self.proc.wait(timeout=0.2)
         reap_orphans(KILL_GRACE)
         return self.proc.returncode
+
+
+def die_with_parent() -> None:
+    """In UML's process, before exec: SIGKILL when the launcher dies, even by SIGKILL (the batch system's last
+    resort), so no VM outlives its job.  (A child forked from a process without threads: ctypes is safe here.)"""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def become_subreaper() -> None:

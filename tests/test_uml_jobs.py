@@ -162,6 +162,20 @@ def test_the_vm_killed_leaves_no_process_and_no_run_directory(
     assert procs_left == "" and run_dirs == [], (procs_left, run_dirs)
 
 
+def test_the_launcher_killed_takes_the_vm_with_it(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
+    """SIGKILL, the batch system's last resort, cannot be caught: the VM must still not outlive its launcher."""
+    proc = launch(uml_user, apppot_image, uml_jobdir, "sh", "-c", "touch started; sleep 300")
+    wait_for(uml_jobdir / "started", proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while (left := leftovers(uml_user)[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the kernel kills UML and its helpers asynchronously: poll until they are gone
+    assert left == "", f"processes outlived the launcher: {left}"
+    for run_dir in leftovers(uml_user)[1]:  # documented: a launcher killed by SIGKILL leaves its per-run directory
+        shutil.rmtree(run_dir)
+
+
 def test_a_command_not_found_names_the_path_searched(start_job: Start, uml_jobdir: Path) -> None:
     result = start_job(uml_jobdir, "my-simulation", "--steps", "3")
     assert result.returncode == 127
