@@ -73,15 +73,14 @@ def remove_stale_status(jobdir: Path) -> None:
             raise fs_error(exc, "remove the old status file", jobdir / name) from exc
 
 
-def guest_error(plan: Plan, error: object) -> str:
-    """The guest's error for the user: the delta named as they gave it, hints that apppot-start can act on."""
+def guest_error(error: object, changes: str | None) -> str:
+    """The guest's error for the user: the delta (``changes``) named as they gave it, hints apppot-start can act on."""
     text = str(error)
-    if plan.changes is not None:  # the guest's name for it: /run/apppot/changes/NAME (RunDir.place_changes)
-        guest = f"/run/apppot/changes/{os.path.basename(os.path.realpath(os.path.expanduser(plan.changes)))}"
-        text = text.replace(guest, display_path(plan.changes))
-    text = re.sub(r";? ?\(?--force applies it anyway\)?", "; make the delta again from a boot of this image "
-                  "(apppot-snap changes)", text)
-    return text
+    if changes is not None:  # the guest's name for it: /run/apppot/changes/NAME (RunDir.place_changes)
+        guest = f"/run/apppot/changes/{os.path.basename(os.path.realpath(os.path.expanduser(changes)))}"
+        text = text.replace(guest, display_path(changes))
+    return re.sub(r";? ?\(?--force applies it anyway\)?", "; make the delta again in a boot of this image "
+                  "(apppot-snap changes), or merge it there by hand (sudo apppot-snap merge --force)", text)
 
 
 def launch(plan: Plan, network: bool) -> int:
@@ -124,7 +123,7 @@ def run_vm(plan: Plan, network: bool) -> int:
             sys.stderr.write(f"{PROG}: warning: {exc}\n")
         log.info("job finished: outcome %s, exit code %d", status.get("outcome"), code)
         if status.get("outcome") in GUEST_FAILURES:
-            sys.stderr.write(f"{PROG}: error: the job did not run ({status['outcome']}): {guest_error(plan, status.get('error'))}\n")
+            sys.stderr.write(f"{PROG}: error: the job did not run ({status['outcome']}): {guest_error(status.get('error'), plan.changes)}\n")
         elif status.get("outcome") in ("not-found", "not-executable"):
             sys.stderr.write(f"{PROG}: error: {status.get('error')}\n")
         elif network and status.get("network") == []:

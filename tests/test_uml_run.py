@@ -113,3 +113,28 @@ def test_paths_uml_cannot_take_go_through_links_and_others_do_not(tmp_path: Path
     link = run.safe(odd, "image")
     assert link == run.path / "image" and os.readlink(link) == os.fspath(odd)
     assert not uml_run.UNSAFE_PATH.search(os.fspath(link))
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        ("/run/apppot/changes/my delta, v2.tar.zst: not a readable tar archive: truncated header",
+         "~/deltas/my delta, v2.tar.zst: not a readable tar archive: truncated header"),
+        ("the delta /run/apppot/changes/my delta, v2.tar.zst was made against base 1234 rather than / has (abcd); "
+         "--force applies it anyway",
+         "the delta ~/deltas/my delta, v2.tar.zst was made against base 1234 rather than / has (abcd); make the delta "
+         "again in a boot of this image (apppot-snap changes), or merge it there by hand (sudo apppot-snap merge --force)"),
+        ("no base manifest in /var/lib/apppot: cannot check that /run/apppot/changes/my delta, v2.tar.zst fits this "
+         "image (--force applies it anyway)",
+         "no base manifest in /var/lib/apppot: cannot check that ~/deltas/my delta, v2.tar.zst fits this image; make "
+         "the delta again in a boot of this image (apppot-snap changes), or merge it there by hand "
+         "(sudo apppot-snap merge --force)"),
+    ],
+    ids=["unreadable", "other-base", "no-base"],
+)
+def test_a_merge_failure_names_the_delta_as_given_with_a_hint_that_exists(
+        monkeypatch: pytest.MonkeyPatch, error: str, said: str) -> None:
+    monkeypatch.syspath_prepend(os.fspath(Path(uml_run.__file__).parent))  # as apppot-start imports its modules
+    uml_launch = load_script("uml_launch.py")
+    monkeypatch.setenv("HOME", "/nonexistent-home")
+    assert uml_launch.guest_error(error, "~/deltas/my delta, v2.tar.zst") == said
