@@ -114,6 +114,10 @@ def run_vm(plan: Plan, network: bool) -> int:
     except OSError as exc:
         raise LaunchError(f"cannot run {display_path(plan.argv[0])}: {exc.strerror}") from exc
     found = plan.run.read_status()
+    if found is None and vm.old_guest:
+        found = plan.run.read_status(plan.jobdir)
+        sys.stderr.write(f"{PROG}: warning: the image's apppot-init is older than apppot-start: it wrote the record "
+                         "into the job directory, where jobs sharing it can overwrite it; rebuild the image\n")
     if found is not None:  # this run's own record: the job ended (even if a signal came after)
         status, raw = found
         code = int(status["exit_code"])  # type: ignore[arg-type]

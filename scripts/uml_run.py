@@ -99,9 +99,9 @@ class RunDir:
             raise fs_error(exc, "copy the delta into", where) from exc
         return f"{GUEST_CHANGES}/{changes.name}"
 
-    def read_status(self) -> tuple[dict[str, object], bytes] | None:
-        """The record this run's guest wrote (None: it wrote none) and its bytes."""
-        path = self.status_dir / STATUS_FILE
+    def read_status(self, directory: Path | None = None) -> tuple[dict[str, object], bytes] | None:
+        """The record this run's guest wrote (None: it wrote none) and its bytes; from ``directory`` if given."""
+        path = (directory or self.status_dir) / STATUS_FILE
         try:
             raw = path.read_bytes()
             data = json.loads(raw)

@@ -43,6 +43,8 @@ DIAGNOSES = (
 KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the VM must be stopped
 # Lines the kernel and UML print while powering off: not the job's output.
 # (UML reports slirp's exit status 1 as it stops it: "helper_wait : process N ...")
+# An apppot-init older than the run directory says so as it boots (it then writes its record into the job directory).
+OLD_GUEST_LINE = re.compile(rb"unknown kernel command line key apppot\.rundir")
 KERNEL_POWEROFF_LINES = re.compile(rb"reboot: (Power down|System halted)|helper_wait : process [0-9]+ exited with status 0x100")
 
 
@@ -52,6 +54,7 @@ class ConsoleFilter:
     def __init__(self, out: int) -> None:
         self.out = out
         self.diagnosis: str | None = None  # the first known way of dying seen on the console
+        self.old_guest = False  # the image's apppot-init does not know apppot.rundir
         self.partial = b""
         self.tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_KEPT)
 
@@ -65,6 +68,7 @@ class ConsoleFilter:
             self.tail.append(line[-512:])
             if self.diagnosis is None:
                 self.diagnosis = diagnose(line)
+            self.old_guest = self.old_guest or bool(OLD_GUEST_LINE.search(line))
             if not KERNEL_POWEROFF_LINES.fullmatch(line):
                 kept.append(line + b"\n")
         self._write(b"".join(kept))
@@ -129,6 +133,7 @@ class Vm:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stop_reason: str | None = None
         self.timed_out = False
+        self.old_guest = False  # its apppot-init wrote the record into the job directory, not the run's own
 
     def stop(self, reason: str) -> None:
         if self.proc is None:  # not started yet: _wait stops it as soon as it is
@@ -202,6 +207,7 @@ class Vm:
         code = self._wait(pump, lambda: open_streams > 0)
         console.close()
         self.diagnosis = self.diagnosis or console.diagnosis
+        self.old_guest = console.old_guest
         sel.close()
         return code, b"\n".join(console_report(list(console.tail), list(uml_log)))
 

@@ -138,3 +138,18 @@ def test_a_merge_failure_names_the_delta_as_given_with_a_hint_that_exists(
     uml_launch = load_script("uml_launch.py")
     monkeypatch.setenv("HOME", "/nonexistent-home")
     assert uml_launch.guest_error(error, "~/deltas/my delta, v2.tar.zst") == said
+
+
+def test_an_older_apppot_init_is_recognised_on_the_console() -> None:
+    """Its record is then in the job directory: apppot-start reads it there and says why that is weaker."""
+    uml_vm = load_script("uml_vm.py")
+    read, write = os.pipe()
+    try:
+        console = uml_vm.ConsoleFilter(write)
+        console.feed(b"apppot-init: the job\r\n")
+        assert not console.old_guest
+        console.feed(b"apppot-init: unknown kernel command line key apppot.rundir (ignored)\r\n")
+        assert console.old_guest
+    finally:
+        os.close(read)
+        os.close(write)
