@@ -17,7 +17,7 @@ kernel-command-line word: no spaces, no quotes, no backslashes, ASCII only.
 * ``apppot.cmdfile=NAME``: the argv is in the file NAME in the job directory,
   in the payload format above (raw, not base64).  Used when the command does
   not fit: UML's whole command line is at most ``MAX_CMDLINE`` bytes.
-* Single values (``cwd``, ``jobdir``, ``tmpdir``, ``changes``) are written as
+* Single values (``cwd``, ``jobdir``, ``rundir``, ``tmpdir``, ``changes``) are written as
   they are when they only hold ``SAFE_VALUE`` characters, else as ``b64:`` and
   the UTF-8 bytes in URL-safe base64.  A hand-typed value without the prefix is
   taken literally (after the kernel's quote removal).
@@ -72,10 +72,12 @@ KERNEL_SPACE = frozenset(b" \t\n\v\f\r\xa0")
 # kernel command line (the apppot.* words, the command file, the status
 # record).  Bump it when an old hook would misread a new launcher or the other
 # way round; apppot-init refuses another version with a status record that
-# names both.  1 is AppPot 1.0's (whose hook does not check it).
-PROTOCOL = 1
+# names both.  1 is AppPot 1.0's (no apppot.protocol word; its hook does not
+# check it); 2 adds apppot.rundir, the run's own directory for its record.
+PROTOCOL = 2
 
-KEYS = ("protocol", "cmd", "cmdfile", "cwd", "user", "uid", "group", "gid", "jobdir", "tmpdir", "changes", "timeout")
+KEYS = ("protocol", "cmd", "cmdfile", "cwd", "user", "uid", "group", "gid", "jobdir", "rundir", "tmpdir", "changes",
+        "timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class BootConfig:
     group: str | None = None
     gid: int | None = None
     jobdir: str | None = None
+    rundir: str | None = None  # this run's own directory: the status record goes there, apppot.cmdfile is read there
     tmpdir: str | None = None
     changes: str | None = None
     timeout: float | None = None
@@ -140,7 +143,7 @@ def validate(config: BootConfig) -> None:
     if config.argv is not None and config.cmdfile is not None:
         raise ConfigError("apppot.cmd and apppot.cmdfile cannot both be given")
     if config.cmdfile is not None and not _plain_name(config.cmdfile):
-        raise ConfigError(f"apppot.cmdfile={display_path(config.cmdfile)}: not a plain file name in the job directory")
+        raise ConfigError(f"apppot.cmdfile={display_path(config.cmdfile)}: not a plain file name in the run or job directory")
     for key in ("user", "group"):
         value = getattr(config, key)
         if value is not None and not NAME_RE.match(value):
@@ -152,7 +155,7 @@ def validate(config: BootConfig) -> None:
                 raise ConfigError(f"apppot.{key}={value!r}: not a number from 0 to {MAX_ID}")
             if value == 0:
                 raise ConfigError(f"apppot.{key}=0: the job never runs as root (leave it out to use the image's account)")
-    for key in ("cwd", "jobdir", "tmpdir", "changes"):
+    for key in ("cwd", "jobdir", "rundir", "tmpdir", "changes"):
         value = getattr(config, key)
         if value is not None and (not value or "\0" in value):
             raise ConfigError(f"apppot.{key}={display_path(value)}: not a usable path")
@@ -238,6 +241,7 @@ KERNEL_FIELDS: tuple[tuple[str, Callable[[Any], str]], ...] = (
     ("group", encode_value),
     ("gid", str),
     ("jobdir", encode_value),
+    ("rundir", encode_value),
     ("tmpdir", encode_value),
     ("changes", encode_value),
     ("timeout", format_seconds),
@@ -402,10 +406,11 @@ def fit_kernel_args(
     """The ``apppot.*`` words for ``config``, moving a long command into a file.
 
     ``other_args`` are the launcher's other kernel words (``ubd0=``, ``mem=``,
-    ...); ``jobdir`` is the job directory as the host sees it.  When all the
-    words joined by spaces exceed ``limit`` bytes, the argv is written to
-    ``jobdir/CMDFILE_NAME`` and passed as ``apppot.cmdfile=`` instead.  If it
-    still does not fit, ConfigError.
+    ...); ``jobdir`` is, as the host sees it, the directory the guest reads
+    the command file from: the run directory when ``config.rundir`` is given,
+    else the job directory.  When all the words joined by spaces exceed
+    ``limit`` bytes, the argv is written to ``jobdir/CMDFILE_NAME`` and passed
+    as ``apppot.cmdfile=`` instead.  If it still does not fit, ConfigError.
     """
     others = list(other_args)
 
@@ -416,7 +421,7 @@ def fit_kernel_args(
     if length(words) <= limit:
         return words
     if config.argv is not None:
-        if config.jobdir is None:
+        if config.jobdir is None and config.rundir is None:
             raise ConfigError("the command is too long for the kernel command line and there is no job directory")
         name = write_cmdfile(jobdir, config.argv)
         words = dataclasses.replace(config, argv=None, cmdfile=name).kernel_args()

@@ -42,9 +42,12 @@ EPILOG = f"""\
 kernel command line (see docs/boot-hook.md):
   apppot.cmd=b64:ARGV | apppot.cmd="WORDS"   the job (none: ~/job/{AUTORUN_JOB},
                                             ~/{AUTORUN_HOME}, else screen+bash)
-  apppot.cmdfile=NAME   the job's argv in a file in the job directory
+  apppot.cmdfile=NAME   the job's argv in a file in the run (else the job) directory
   apppot.cwd= apppot.user= apppot.uid= apppot.group= apppot.gid=
-  apppot.jobdir= apppot.tmpdir= apppot.changes= (hostfs paths) apppot.timeout=SECONDS TERM=
+  apppot.jobdir= apppot.rundir= apppot.tmpdir= apppot.changes= (hostfs paths)
+  apppot.timeout=SECONDS TERM=
+  apppot.rundir: this run's own directory; the status record is written there
+  (else into the job directory)
 
 exit codes (the job's, also in apppot.exitcode in the job directory):
   0-255  the job's own exit code     128+N  the job was killed by signal N
@@ -82,7 +85,9 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
     """Account, job directory, delta, the job, the status record.  Never raises AppPotError."""
     started = datetime.now(timezone.utc)
     jobdir = layout.path(RUN_DIR) / "job"
+    rundir = layout.path(RUN_DIR) / "run"
     have_jobdir = False
+    status_dir: Path | None = None  # where the record goes: this run's own directory, else the job directory
     account: Account | None = None
     argv = config.argv
 
@@ -96,9 +101,9 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             account.gid if account else config.gid,
             network_interfaces(layout.path("/sys/class/net")),
         )
-        if have_jobdir:
+        if status_dir is not None:
             try:
-                write_status(jobdir, status)
+                write_status(status_dir, status)
             except AppPotError as exc:
                 log.error("%s", exc)
         else:
@@ -106,9 +111,13 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
         return status
 
     try:
+        if config.rundir is not None:  # the launcher's per-run directory: only this run writes there
+            mounter.host_dir(config.rundir, rundir)
+            status_dir = rundir
         if config.jobdir is not None:
             mounter.host_dir(config.jobdir, jobdir)
             have_jobdir = True
+            status_dir = status_dir or jobdir
         account = ensure_account(layout.root, *requested_account(layout.root, config.user, config.uid, config.group, config.gid))
     except AppPotError as exc:
         log.error("setup failed: %s", exc)
@@ -119,7 +128,8 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             delta = _mount_delta(config.changes, layout, mounter)
             _merge(layout.root, delta)
         except AppPotError as exc:
-            log.error("merge failed: %s", exc)
+            # Said once: by apppot-start from the status record, on the console only when there is none.
+            (log.info if status_dir is not None else log.error)("merge failed: %s", exc)
             return finish(JobResult.failed(Outcome.MERGE_FAILED, str(exc), started))
         except Exception as exc:  # a bug in the merge must still be reported and power off
             log.error("merge failed: %s", "".join(traceback.format_exception_only(exc)).strip())
@@ -134,9 +144,9 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
         if config.tmpdir is not None:
             mounter.host_dir(config.tmpdir, layout.path("/tmp"))
         if config.cmdfile is not None:
-            if not have_jobdir:
-                raise ConfigError(f"apppot.cmdfile={config.cmdfile} needs apppot.jobdir")
-            argv = read_cmdfile(jobdir / config.cmdfile)
+            if status_dir is None:
+                raise ConfigError(f"apppot.cmdfile={config.cmdfile} needs apppot.rundir or apppot.jobdir")
+            argv = read_cmdfile(status_dir / config.cmdfile)
         if config.cwd is None:
             cwd = user_job if have_jobdir else account.home
         elif config.cwd.startswith("/"):

@@ -49,6 +49,7 @@ class Outcome(StrEnum):
     NOT_EXECUTABLE = "not-executable"
     MERGE_FAILED = "merge-failed"
     SETUP_FAILED = "setup-failed"
+    STOPPED = "stopped"  # written by apppot-start: it got SIGTERM or SIGINT and stopped the VM
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +336,20 @@ def _exec_failed(exc: OSError, spec: JobSpec, started: datetime, t0: float) -> J
         return _never_ran(Outcome.SETUP_FAILED, f"cannot change to directory {display_path(spec.cwd)}: {reason}", started, t0)
     what = display_path(spec.argv[0])
     if exc.errno == errno.ENOENT:
-        return _never_ran(Outcome.NOT_FOUND, f"{what}: command not found", started, t0)
+        return _never_ran(Outcome.NOT_FOUND, _not_found(spec), started, t0)
     return _never_ran(Outcome.NOT_EXECUTABLE, f"{what}: cannot execute: {reason}", started, t0)
+
+
+def _not_found(spec: JobSpec) -> str:
+    """Which command, where it was looked for, and where a job's own programs belong."""
+    name = spec.argv[0]
+    if "/" in name:
+        where = f"no such file (relative to {display_path(spec.cwd)})" if not name.startswith("/") else "no such file"
+    else:
+        where = f"not in PATH={display_path(spec.env.get('PATH', os.defpath))}"
+    return (f"{display_path(name)}: command not found: {where}; a program built in ~/job is not in a delta "
+            "(the job directory is not part of the image): install it under /usr/local/bin or /opt before "
+            "apppot-snap changes")
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,6 +154,25 @@ def early_mounts(root: Path) -> None:
             socket.sethostname(hostname)
     except OSError:
         pass
+    transient_machine_id(root)
+
+
+def transient_machine_id(root: Path) -> None:
+    """A machine ID of this boot's own, as systemd gives one: in /run, bind-mounted on an empty /etc/machine-id.
+
+    The image ships /etc/machine-id empty and deltas never carry one (exclude.default),
+    so no two boots of a shared image share an ID.
+    """
+    etc = root / "etc/machine-id"
+    try:
+        if not etc.is_file() or etc.stat().st_size > 0:
+            return
+        run_id = root / "run/machine-id"
+        run_id.write_text(os.urandom(16).hex() + "\n")
+        run_id.chmod(0o444)
+        mount(os.fspath(run_id), etc, None, MS_BIND)
+    except (OSError, FsError) as exc:
+        log.warning("no machine ID for this boot: %s", exc)
 
 
 def network_up() -> None:

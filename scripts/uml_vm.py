@@ -43,6 +43,8 @@ DIAGNOSES = (
 KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the VM must be stopped
 # Lines the kernel and UML print while powering off: not the job's output.
 # (UML reports slirp's exit status 1 as it stops it: "helper_wait : process N ...")
+# An apppot-init older than the run directory says so as it boots (it then writes its record into the job directory).
+OLD_GUEST_LINE = re.compile(rb"unknown kernel command line key apppot\.rundir")
 KERNEL_POWEROFF_LINES = re.compile(rb"reboot: (Power down|System halted)|helper_wait : process [0-9]+ exited with status 0x100")
 
 
@@ -52,6 +54,7 @@ class ConsoleFilter:
     def __init__(self, out: int) -> None:
         self.out = out
         self.diagnosis: str | None = None  # the first known way of dying seen on the console
+        self.old_guest = False  # the image's apppot-init does not know apppot.rundir
         self.partial = b""
         self.tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_KEPT)
 
@@ -65,6 +68,7 @@ class ConsoleFilter:
             self.tail.append(line[-512:])
             if self.diagnosis is None:
                 self.diagnosis = diagnose(line)
+            self.old_guest = self.old_guest or bool(OLD_GUEST_LINE.search(line))
             if not KERNEL_POWEROFF_LINES.fullmatch(line):
                 kept.append(line + b"\n")
         self._write(b"".join(kept))
@@ -129,9 +133,13 @@ class Vm:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stop_reason: str | None = None
         self.timed_out = False
+        self.old_guest = False  # its apppot-init wrote the record into the job directory, not the run's own
 
     def stop(self, reason: str) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:  # not started yet: _wait stops it as soon as it is
+            self.stop_reason = self.stop_reason or reason
+            return
+        if self.proc.poll() is not None:
             return
         if self.stop_reason is None:
             self.stop_reason = reason
@@ -156,7 +164,8 @@ class Vm:
 
     def _run_on_terminal(self, env: dict[str, str]) -> int:
         with terminal_restored(sys.stdin.fileno()):
-            self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, stderr=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent)
             return self._wait(lambda: None)
 
     def _run_piped(self, env: dict[str, str]) -> tuple[int, bytes]:
@@ -167,6 +176,7 @@ class Vm:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         console = ConsoleFilter(sys.stdout.fileno())
         uml_log: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)
@@ -197,6 +207,7 @@ class Vm:
         code = self._wait(pump, lambda: open_streams > 0)
         console.close()
         self.diagnosis = self.diagnosis or console.diagnosis
+        self.old_guest = console.old_guest
         sel.close()
         return code, b"\n".join(console_report(list(console.tail), list(uml_log)))
 
@@ -205,6 +216,9 @@ class Vm:
         assert self.proc is not None
         deadline = time.monotonic() + self.time_limit if self.time_limit else None
         kill_at: float | None = None
+        if self.stop_reason is not None:  # a signal came while UML was being started
+            log.warning("stopping the VM: %s", self.stop_reason)
+            self._signal_group(signal.SIGTERM)
         exited = False
         while not exited or draining():
             if not exited and self.proc.poll() is not None:
@@ -226,6 +240,15 @@ class Vm:
                     self.proc.wait(timeout=0.2)
         reap_orphans(KILL_GRACE)
         return self.proc.returncode
+
+
+def die_with_parent() -> None:
+    """In UML's process, before exec: SIGKILL when the launcher dies, even by SIGKILL (the batch system's last
+    resort), so no VM outlives its job.  (A child forked from a process without threads: ctypes is safe here.)"""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def become_subreaper() -> None:

@@ -42,7 +42,9 @@ def test_killed_by_a_signal_is_128_plus_n(job_user: Account, job_dir: Path) -> N
 def test_not_found_is_127(job_user: Account, job_dir: Path) -> None:
     result, _ = run(job_user, job_dir, "no-such-command-apppot")
     assert (result.outcome, result.exit_code) == (Outcome.NOT_FOUND, 127)
-    assert result.error == "no-such-command-apppot: command not found"
+    assert result.error is not None
+    assert result.error.startswith("no-such-command-apppot: command not found: not in PATH=")
+    assert "install it under /usr/local/bin or /opt" in result.error
 
 
 def test_not_executable_is_126(job_user: Account, job_dir: Path) -> None:

@@ -41,9 +41,15 @@ def test_the_kernel_is_static_and_runs_a_job_with_the_hosts_libraries_hidden(
                               "--", "sh", "-c", "echo ran; exit 42"], capture_output=True, text=True, check=True)
     argv = json.loads(planned.stdout)
     assert argv[0] == os.fspath(uml_kernel), "apppot-start finds the checkout's kernel by itself"
-    # The dry run's per-run directory is gone: give UML a COW file and uml_dir of ours.
+    # The dry run's per-run directory is gone: give UML a COW file, uml_dir and the hostfs view of ours
+    # (the job directory as /job, the run's own directory as /run).
+    view = tmp_path / "host"
+    view.mkdir()
+    (view / "job").symlink_to(jobdir)
+    (view / "run").mkdir()
     argv = [f"ubd0={tmp_path / 'cow'},{apppot_image}" if a.startswith("ubd0=") else
-            f"uml_dir={tmp_path}" if a.startswith("uml_dir=") else a for a in argv]
+            f"uml_dir={tmp_path}" if a.startswith("uml_dir=") else
+            f"hostfs={view}" if a.startswith("hostfs=") else a for a in argv]
     # A private mount namespace with an empty /usr/lib (on Debian 12 /lib is /usr/lib): no libc, no
     # ld.so.  A dynamically linked program can no longer start there; the static kernel must.
     hide = ('mount -t tmpfs none /usr/lib || exit 90; '
@@ -52,7 +58,7 @@ def test_the_kernel_is_static_and_runs_a_job_with_the_hosts_libraries_hidden(
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode not in (90, 91), result.stderr
     assert "ran" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-    record = json.loads((jobdir / "apppot.status.json").read_text())
+    record = json.loads((view / "run" / "apppot.status.json").read_text())
     assert (record["exit_code"], record["outcome"]) == (42, "exited")
 
 

@@ -1,0 +1,116 @@
+"""What this host gives a job: the UML kernel, the network helper, a temporary directory UML can use.
+
+Each is found as the epilog of ``apppot-start --help`` says, with the reason
+for the choice, so ``apppot-start --check`` can show it.  Imported by
+scripts/apppot-start (same directory).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+from apppot_guest.errors import ConfigError, UsageError, display_path
+
+KERNEL_NAME = "linux"
+# AppPot's own kernels (scripts/build-kernel): the checkout's, then an installed one.
+PROJECT_KERNELS = (Path(__file__).resolve().parent.parent / "out" / KERNEL_NAME, Path("/usr/lib/apppot") / KERNEL_NAME)
+VDE_PLUG = "vde_plug"
+SLIRP_PLUGINS = "/usr/lib/*/vdeplug/libvdeplug_slirp.so*"
+
+
+def find_kernel(explicit: str | None, image: Path | None) -> tuple[Path, str]:
+    """The UML kernel to boot and why that one (see the epilog for the order)."""
+    if explicit:
+        found = shutil.which(os.path.expanduser(explicit))
+        if found is None:
+            raise UsageError(f"UML kernel {display_path(explicit)}: not found or not executable")
+        return Path(found), "--linux" if explicit != os.environ.get("APPPOT_KERNEL") else "$APPPOT_KERNEL"
+    candidates = [(image.parent / KERNEL_NAME, "next to the image")] if image is not None else []
+    candidates += [(path, "AppPot's own kernel") for path in PROJECT_KERNELS]
+    for path, why in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):  # isfile: False also where we may not look
+            return path.resolve(), why
+    found = shutil.which(KERNEL_NAME)
+    if found is not None:
+        return Path(found).resolve(), "on PATH"
+    raise UsageError("no UML kernel: build AppPot's with 'make kernel' (scripts/build-kernel), or give --linux PATH")
+
+
+def network_helper() -> Path:
+    """The host's vde_plug, which UML's vector driver runs; UsageError with the fix when it cannot work."""
+    found = shutil.which(VDE_PLUG)
+    if found is None:
+        raise UsageError(f"network: {VDE_PLUG} not found (install vdeplug and libvdeplug-slirp, or use --no-network)")
+    if not glob.glob(SLIRP_PLUGINS):
+        raise UsageError("network: vde_plug has no slirp plug-in (install libvdeplug-slirp, or use --no-network)")
+    return Path(found)
+
+
+def usable_for_uml(directory: str) -> str | None:
+    """Why UML cannot keep its memory file in ``directory`` (None: it can)."""
+    try:
+        flags = os.statvfs(directory).f_flag
+    except OSError as exc:
+        return exc.strerror or "cannot be read"
+    if not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
+        return "not writable"
+    if flags & os.ST_NOEXEC:
+        return "mounted noexec"
+    return None
+
+
+def uml_tmpdir() -> tuple[str, str]:
+    """The directory UML keeps the guest's memory in (it must map it executable), and why.
+
+    UML takes $TMPDIR when set, else /dev/shm when it is a tmpfs, else /tmp;
+    apppot-start sets TMPDIR to the first of those that UML can use.
+    """
+    tried = []
+    for directory in (os.environ.get("TMPDIR"), "/dev/shm", "/tmp", "/var/tmp"):
+        if not directory:
+            continue
+        problem = usable_for_uml(directory)
+        if problem is None:
+            why = "$TMPDIR" if directory == os.environ.get("TMPDIR") else "the first usable of /dev/shm, /tmp, /var/tmp"
+            if tried:
+                why += f" ({'; '.join(tried)})"
+            return directory, why
+        tried.append(f"{directory}: {problem}")
+    raise ConfigError(f"no directory UML can map executable ({'; '.join(tried)}): set TMPDIR to a directory "
+                      "on a file system mounted without noexec")
+
+
+def elf_interpreter(path: Path) -> bytes | None:
+    """The dynamic loader an ELF64 binary asks for (None: statically linked, or not ELF64)."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:5] != b"\x7fELF\x02":
+            return None
+        phoff, phentsize, phnum = int.from_bytes(header[32:40], "little"), *struct.unpack_from("<HH", header, 54)
+        for index in range(phnum):
+            f.seek(phoff + index * phentsize)
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack("<IIQQQQ", f.read(40))
+            if p_type == 3:  # PT_INTERP
+                f.seek(p_offset)
+                return f.read(p_filesz).rstrip(b"\0")
+    return None
+
+
+def kernel_description(kernel: Path) -> str:
+    version_file = kernel.with_name(kernel.name + ".version")
+    try:
+        version = version_file.read_text().strip()
+    except OSError:
+        try:
+            version = subprocess.run([kernel, "--version"], capture_output=True, text=True, timeout=20,
+                                     stdin=subprocess.DEVNULL, check=False).stdout.strip() or "version unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            version = "version unknown"
+    interpreter = elf_interpreter(kernel)
+    linked = "static" if interpreter is None else f"dynamic, needs {interpreter.decode(errors='replace')}"
+    return f"{version}; {linked}"
