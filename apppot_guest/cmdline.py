@@ -362,19 +362,25 @@ def _parse_seconds(value: str) -> float:
     return float(value)
 
 
-def salvage_jobdir(data: bytes | str) -> str | None:
-    """The job directory of a command line ``parse_cmdline`` rejected, if it can be found.
+def salvage_path(data: bytes | str, name: str) -> str | None:
+    """The hostfs path ``apppot.NAME`` (``rundir``, ``jobdir``) of a command line ``parse_cmdline`` rejected.
 
-    Used only to report the failure in the job directory's status file.
+    Used only to report the failure in a status record where the launcher looks for it.
     """
     raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+    prefix = f"apppot.{name}=".encode()
     for word in raw.replace(b'"', b" ").split():
-        if word.startswith(b"apppot.jobdir="):
+        if word.startswith(prefix):
             try:
-                return decode_value(_text(word[len(b"apppot.jobdir=") :]), "jobdir") or None
+                return decode_value(_text(word[len(prefix) :]), name) or None
             except ConfigError:
                 return None
     return None
+
+
+def salvage_jobdir(data: bytes | str) -> str | None:
+    """The job directory of a command line ``parse_cmdline`` rejected, if it can be found."""
+    return salvage_path(data, "jobdir")
 
 
 # -- long commands: the command file ------------------------------------------
@@ -441,6 +447,7 @@ __all__ = [
     "parse_cmdline",
     "read_cmdfile",
     "salvage_jobdir",
+    "salvage_path",
     "split_cmdline",
     "write_cmdfile",
 ]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .account import Account, ensure_account, login_env, requested_account
-from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_jobdir
+from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_path
 from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
 from .status import Status, status_of, write_status
@@ -221,26 +221,23 @@ def _interactive(account: Account, env: dict[str, str], layout: Layout, started:
 
 
 def _failed_cmdline(raw: bytes, exc: ConfigError, layout: Layout, mounter: Mounter) -> Status:
-    """A kernel command line that does not parse: report it in the job directory if one can be found."""
+    """A kernel command line that does not parse (or speaks another protocol): report it where the
+    launcher looks, the run's own directory (apppot.rundir) or else the job directory, if one can be found."""
     started = datetime.now(timezone.utc)
-    config = BootConfig()
-    salvaged = salvage_jobdir(raw)
-    if salvaged:
-        try:
-            config = BootConfig(jobdir=salvaged)
-        except ConfigError:
-            pass
     result = JobResult.failed(Outcome.SETUP_FAILED, f"bad kernel command line: {exc}", started)
-    if config.jobdir is None:
-        return status_of(result, None, None, None, None, None)
-    jobdir = layout.path(RUN_DIR) / "job"
-    try:
-        mounter.host_dir(config.jobdir, jobdir)
-    except AppPotError as mount_exc:
-        log.error("%s", mount_exc)
-        return status_of(result, None, None, None, None, None)
     status = status_of(result, None, None, None, None, None)
-    write_status(jobdir, status)
+    for name, target in (("rundir", layout.path(RUN_DIR) / "run"), ("jobdir", layout.path(RUN_DIR) / "job")):
+        salvaged = salvage_path(raw, name)
+        if not salvaged:
+            continue
+        try:
+            BootConfig(**{name: salvaged})  # the same checks as a good command line's
+            mounter.host_dir(salvaged, target)
+        except AppPotError as mount_exc:
+            log.error("%s", mount_exc)
+            return status
+        write_status(target, status)
+        return status
     return status
 
 

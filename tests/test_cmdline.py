@@ -20,6 +20,7 @@ from apppot_guest.cmdline import (
     parse_cmdline,
     read_cmdfile,
     salvage_jobdir,
+    salvage_path,
     split_cmdline,
 )
 from apppot_guest.errors import ConfigError
@@ -123,6 +124,7 @@ def test_salvage_jobdir_from_a_rejected_line() -> None:
     assert salvage_jobdir(line) == "/job dir"
     assert salvage_jobdir('apppot.cmd="x apppot.jobdir=/j') == "/j"
     assert salvage_jobdir("apppot.uid=abc") is None
+    assert salvage_path("apppot.protocol=9 apppot.rundir=/run apppot.jobdir=/job", "rundir") == "/run"
 
 
 ARG = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"))

@@ -27,8 +27,9 @@ def test_an_array_of_apppot_jobs_in_one_directory_each_reports_its_own_exit_code
 #SBATCH --array=1-{TASKS}
 #SBATCH --output=task-%a.out
 #SBATCH --mem-per-cpu=2000M
+# The task's number is expanded here, on the host: the guest has no Slurm environment.
 exec {PYTHON} {LAUNCHER} --image {apppot_image} --no-network -- \\
-    sh -c 'sleep $(($SLURM_ARRAY_TASK_ID % 3)); echo task $SLURM_ARRAY_TASK_ID; exit $SLURM_ARRAY_TASK_ID'
+    sh -c "sleep $((SLURM_ARRAY_TASK_ID % 3)); echo task $SLURM_ARRAY_TASK_ID; exit $SLURM_ARRAY_TASK_ID"
 """)
     os.chown(script, uml_user.uid, uml_user.gid)
     submit = as_user(uml_user, ["env", f"SLURM_CONF={slurm_cluster.conf}", "sbatch", "--wait", "--parsable", script])
@@ -39,5 +40,6 @@ exec {PYTHON} {LAUNCHER} --image {apppot_image} --no-network -- \\
     records = {int(r["ArrayTaskId"]): r for r in slurm_cluster.records() if r.get("ArrayJobId") == array_id}
     assert sorted(records) == list(range(1, TASKS + 1)), records
     for task, record in records.items():
-        assert (record["ExitCode"], record["JobState"]) == (f"{task}:0", "FAILED"), (task, record)
-        assert (uml_jobdir / f"task-{task}.out").read_text().splitlines()[-1] == f"task {task}"
+        output = (uml_jobdir / f"task-{task}.out").read_text()
+        assert (record["ExitCode"], record["JobState"]) == (f"{task}:0", "FAILED"), (task, record, output)
+        assert output.splitlines()[-1] == f"task {task}", output
