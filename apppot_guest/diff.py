@@ -15,9 +15,10 @@ import enum
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from .hashing import Digest, Hasher
+from .hashing import Digest
 from .manifest import BaseRecords, Entry, Kind, parse_record, same_mtime
 from .tree import Excluder, Item
+from .workers import Workers
 
 
 class Op(enum.StrEnum):
@@ -98,13 +99,13 @@ def compare(
     base: BaseRecords,
     items: Iterable[Item],
     exclude: Excluder,
-    hasher: Hasher,
+    workers: Workers,
     *,
     checksum: bool = False,
     for_delta: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Diff:
-    """Compare the walk ``items`` with ``base``; hashes only what it must, on ``hasher``'s workers.
+    """Compare the walk ``items`` with ``base``; hashes only what it must, on ``workers``.
 
     Size and mtime unchanged means content unchanged (unless ``checksum``).  A
     file whose mtime moved is hashed: same hash means a metadata-only change.
@@ -117,7 +118,7 @@ def compare(
     sparse: set[bytes] = set()
     found = merge_join(base.records, items, exclude, checksum=checksum, progress=progress)
     hashed = 0
-    for (path, record, key, is_sparse, topmost), digest in hasher.map(found, lambda f: _to_hash(f, checksum, for_delta)):
+    for (path, record, key, is_sparse, topmost), digest in workers.map(found, lambda f: _to_hash(f, checksum, for_delta)):
         if key is None:
             changes.append(Change(Status.DELETED, path))
             if topmost:

@@ -23,10 +23,10 @@ from . import faults
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare, with_read_metadata
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line
-from .hashing import Hasher
 from .manifest import BaseRecords, BaseWriter, base_path, read_records
 from .state import RootLock, recover, remove_leftover
 from .tree import Excluder, Item, walk
+from .workers import Workers
 
 PROG = "apppot-snap"
 log = logging.getLogger(PROG)
@@ -83,9 +83,9 @@ def load_excluder(args: argparse.Namespace, extra_paths: tuple[Path, ...] = ()) 
     return Excluder.load(args.root, args.exclude_from or (), extra_paths)
 
 
-def walk_tree(root: Path, exclude: Excluder) -> Iterator[Item]:
+def walk_tree(root: Path, exclude: Excluder, workers: Workers) -> Iterator[Item]:
     """Walk the root in manifest order; AppPot temporaries met on the way are never listed, and dead ones are removed."""
-    items = walk(root, exclude, on_temporary=remove_leftover)
+    items = walk(root, exclude, on_temporary=remove_leftover, lister=workers)
     first = next(items, None)  # the root is listed: the walk has begun, no file was read yet
     faults.reached("scanned")
     if first is not None:
@@ -96,8 +96,8 @@ def walk_tree(root: Path, exclude: Excluder) -> Iterator[Item]:
 def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Excluder) -> tuple[BaseRecords, Diff]:
     base = read_records(args.root)
     progress = Progress("scanning", args.progress)
-    with Hasher(os.fsencode(args.root)) as hasher:
-        diff = compare(base, walk_tree(args.root, exclude), exclude, hasher, checksum=args.checksum, for_delta=for_delta, progress=progress)
+    with Workers(os.fsencode(args.root), exclude, remove_leftover) as workers:
+        diff = compare(base, walk_tree(args.root, exclude, workers), exclude, workers, checksum=args.checksum, for_delta=for_delta, progress=progress)
     progress.done()
     return base, diff
 
@@ -114,8 +114,8 @@ def cmd_base(args: argparse.Namespace) -> int:
     writer = BaseWriter(None if args.just_print else base_path(args.root))
     try:
         entries = nbytes = 0
-        with Hasher(os.fsencode(args.root)) as hasher:
-            for (path, key, _), digest in hasher.map(walk_tree(args.root, exclude), _file_of):
+        with Workers(os.fsencode(args.root), exclude, remove_leftover) as workers:
+            for (path, key, _), digest in workers.map(walk_tree(args.root, exclude, workers), _file_of):
                 if digest is None:
                     writer.add(path, key + b"\t")
                 else:

@@ -17,6 +17,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 from pathlib import Path
+from typing import Protocol
 
 from .atomicfile import ANY_MARK, is_temporary
 from .errors import ConfigError, fs_error
@@ -60,6 +61,12 @@ class Excluder:
         alternatives = [b"/".join(parts) for parts in self._components]
         body = b"|".join(alternatives) if alternatives else b"(?!)"
         self._regex = re.compile(b"(?:" + body + b")(?:/.*)?", re.S)
+        # For each depth N with patterns of N components: their first N-1 components, which
+        # the directory must match for a pattern to match an entry in it.
+        by_depth: dict[int, list[bytes]] = {}
+        for parts in self._components:
+            by_depth.setdefault(len(parts), []).append(b"/".join(parts[:-1]))
+        self._prefixes = {n: re.compile(b"|".join(p), re.S) for n, p in by_depth.items()}
 
     def __call__(self, rel: bytes) -> bool:
         return self._regex.fullmatch(rel) is not None
@@ -71,7 +78,8 @@ class Excluder:
         never enters an excluded directory, so deeper entries need no test at all.
         """
         depth = rel_dir.count(b"/") + 2 if rel_dir else 1
-        if not any(len(parts) == depth for parts in self._components):
+        prefixes = self._prefixes.get(depth)
+        if prefixes is None or (depth > 1 and prefixes.fullmatch(rel_dir) is None):
             return None
         return self
     @classmethod
@@ -135,7 +143,13 @@ def read_xattrs(path: bytes | int) -> tuple[tuple[bytes, bytes], ...]:
 
 
 
-def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] | None = None) -> Iterator[Item]:
+class Lister(Protocol):
+    """Where a walk gets its directory listings (``list_dir``'s results) from: e.g. workers.Workers."""
+
+    def listing(self, rel_dir: bytes, root_dev: int) -> list[Planned]: ...
+
+
+def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] | None = None, lister: Lister | None = None) -> Iterator[Item]:
     """Every entry under ``root`` (not crossing mount points, leaving out what ``exclude`` says),
     as ``(path, key, sparse)``, in the byte order of the full paths.
 
@@ -153,6 +167,8 @@ def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] 
     (and those with members outside the tree or excluded).
 
     AppPot temporaries met on the way are never listed; ``on_temporary`` gets their full paths.
+    ``lister`` lists directories instead of this process (ahead of the walk, in
+    other processes); it must use the same ``exclude`` and ``on_temporary``.
     """
     broot = os.fsencode(root)
     try:
@@ -160,7 +176,12 @@ def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] 
     except OSError as exc:
         raise fs_error(exc, "read the root", root) from exc
     groups: dict[tuple[int, int], list[object]] = {}  # (st_dev, st_ino) -> [leader, members still to come]
-    stack: list[Iterator[_Planned]] = [iter(_list_dir(broot, b"", root_dev, exclude, on_temporary))]
+
+    def list_here(rel_dir: bytes, root_dev: int) -> list[Planned]:
+        return list_dir(broot, rel_dir, root_dev, exclude, on_temporary)
+
+    listing = lister.listing if lister is not None else list_here
+    stack: list[Iterator[Planned]] = [iter(listing(b"", root_dev))]
     while stack:
         planned = next(stack[-1], None)
         if planned is None:
@@ -168,7 +189,7 @@ def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] 
             continue
         _, rel, key, sparse, inode, nlink = planned
         if key is None:  # the contents of the directory rel, whose entry came earlier
-            stack.append(iter(_list_dir(broot, rel, root_dev, exclude, on_temporary)))
+            stack.append(iter(listing(rel, root_dev)))
             continue
         if inode is not None:
             group = groups.get(inode)
@@ -184,11 +205,12 @@ def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] 
 
 # One planned step of a walk: sort key, path, manifest key (None: list this directory now),
 # sparse, hardlink inode (None: a single link), link count.
-_Planned = tuple[bytes, bytes, "bytes | None", bool, "tuple[int, int] | None", int]
+Planned = tuple[bytes, bytes, "bytes | None", bool, "tuple[int, int] | None", int]
 _by_sort_key = itemgetter(0)
+_KIND_BYTES = {kind: kind.encode() for kind in Kind}
 
 
-def _list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_temporary: Callable[[bytes], object] | None) -> list[_Planned]:
+def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_temporary: Callable[[bytes], object] | None) -> list[Planned]:
     """The entries of one directory, each with its key, and its subdirectories' contents to come, in walk order."""
     full_dir = os.path.join(broot, rel_dir) if rel_dir else broot
     try:
@@ -197,9 +219,10 @@ def _list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on
         raise fs_error(exc, "list", full_dir) from exc
     excluded = exclude.in_directory(rel_dir)
     prefix = rel_dir + b"/" if rel_dir else b""
-    planned: list[_Planned] = []
+    planned: list[Planned] = []
     append = planned.append
     kinds, file_kind, dir_kind, link_kind = KIND_OF_MODE, Kind.FILE, Kind.DIR, Kind.SYMLINK
+    listxattr, s_ifmt, s_imode = os.listxattr, stat.S_IFMT, stat.S_IMODE
     for item in listing:
         name = item.name
         rel = prefix + name
@@ -211,7 +234,7 @@ def _list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on
             continue
         try:
             st = item.stat(follow_symlinks=False)
-            kind = kinds.get(stat.S_IFMT(st.st_mode))
+            kind = kinds.get(s_ifmt(st.st_mode))
             if kind is None:
                 continue  # a socket: it cannot be archived and is recreated by its program
             target = b""
@@ -230,7 +253,15 @@ def _list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on
                 append((name + b"/", rel, None, False, None, 0))
             elif kind is link_kind:
                 target = os.readlink(item.path)
-            key = format_key(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, target, st.st_rdev, read_xattrs(item.path), b"")
+            try:
+                has_xattrs = bool(listxattr(item.path, follow_symlinks=False))
+            except OSError:
+                has_xattrs = True  # let read_xattrs tell "none" from a real error
+            if target or has_xattrs or kind is Kind.CHAR or kind is Kind.BLOCK:
+                key = format_key(kind, s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, target, st.st_rdev,
+                                 read_xattrs(item.path) if has_xattrs else (), b"")
+            else:  # the common case, as format_key writes it
+                key = b"%s\t%o\t%d\t%d\t%d\t%d\t\t\t\t" % (_KIND_BYTES[kind], s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns)
             append((name, rel, key, sparse, inode, st.st_nlink))
         except FileNotFoundError:
             continue  # vanished while we looked: not part of this tree
