@@ -11,8 +11,10 @@ measured, changed by 1% and measured again, then deleted:
   walk (level 0 to /dev/null: tar does not read files it writes to /dev/null);
 - ``changes`` (default .tar.zst) against ``tar -z`` level 1.
 
-One run of each (the trees are large); the page cache is warm for both tools
-alike.  Peak RSS from wait4() of each apppot-snap run.
+Each step runs ``--repeat`` times (one fewer at 1M entries), apppot-snap and
+tar alternately, so both meet the same load; the fastest wall time and the
+least CPU time of each count.  The page cache is warm for both tools alike.
+Peak RSS and CPU time (workers included) from wait4().
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench_snap import REPO, machine, snap, tar_excludes, timed, write_section
+from bench_snap import REPO, machine, snap, tar_excludes, write_section
 
 SMALL_PER_DIR = 97  # + a symlink + a hardlink = 99 entries, + the directory itself = 100
 LARGE_EVERY = 100  # directories
@@ -87,31 +90,42 @@ def change_one_percent(root: Path, entries: int) -> int:
     return changed
 
 
-def tar_full_read(root: Path, snar: Path, excludes: Path) -> float:
-    """tar reading every file (its output piped to cat, as to a real archive): wall seconds."""
-    snar.unlink(missing_ok=True)
+Run = tuple[float, float, int]  # wall seconds, CPU seconds (user + system, waited-for children included), peak RSS KiB
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, pipe_to_cat: bool = False) -> Run:
+    """One run of ``argv`` (its output piped through cat, as to a real archive, or discarded)."""
     start = time.perf_counter()
-    tar = subprocess.Popen(["tar", "--create", "--sparse", "--file", "-", "--listed-incremental", str(snar),
-                            "--exclude-from", str(excludes), "--anchored", "-C", str(root), "."], stdout=subprocess.PIPE)
-    cat = subprocess.Popen(["cat"], stdin=tar.stdout, stdout=subprocess.DEVNULL)
-    assert tar.stdout is not None
-    tar.stdout.close()
-    if tar.wait() != 0 or cat.wait() != 0:
-        raise SystemExit("bench: tar | cat failed")
-    return time.perf_counter() - start
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if pipe_to_cat else subprocess.DEVNULL, env=env)
+    cat = None
+    if pipe_to_cat:
+        assert proc.stdout is not None
+        cat = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+        proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if cat is not None:
+        cat.wait()
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench: {' '.join(argv[:6])}... failed")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
-def tar_to(root: Path, snar: Path, out: str, excludes: Path, flags: list[str]) -> float:
-    argv = ["tar", "--create", "--sparse", "--file", out, *flags, "--listed-incremental", str(snar),
+def best(runs: list[Run]) -> Run:
+    """The fastest wall time and the least CPU time of the runs (each tool alike), and the largest RSS."""
+    return min(r[0] for r in runs), min(r[1] for r in runs), max(r[2] for r in runs)
+
+
+def tar_argv(root: Path, snar: Path, out: str, excludes: Path, flags: list[str]) -> list[str]:
+    return ["tar", "--create", "--sparse", "--file", out, *flags, "--listed-incremental", str(snar),
             "--exclude-from", str(excludes), "--anchored", "-C", str(root), "."]
-    return timed(argv)[0]
 
 
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def measure(work: Path, entries: int, excludes: Path, env: dict[str, str]) -> list[tuple[str, ...]]:
+def measure(work: Path, entries: int, excludes: Path, env: dict[str, str], repeat: int) -> list[tuple[str, ...]]:
     root = work / f"tree-{entries}"
     print(f"bench: generating {entries} entries", file=sys.stderr)
     start = time.perf_counter()
@@ -121,38 +135,47 @@ def measure(work: Path, entries: int, excludes: Path, env: dict[str, str]) -> li
     print(f"bench: {total} entries in {gen_t:.1f} s ({counts}); load {load()}", file=sys.stderr)
     label = f"{total / 1000:.0f}k" if total < 999_500 else f"{total / 1e6:.2f}M"
     rows: list[tuple[str, ...]] = []
-    snar0, snar1 = work / "level0.snar", work / "level1.snar"
+    snar0, snar1, delta, tar_gz = work / "level0.snar", work / "level1.snar", work / "delta.tar.zst", work / "tar-level1.tar.gz"
+
+    def pair(ours: list[str], theirs: list[str], before_theirs: Callable[[], None], pipe: bool = False) -> tuple[Run, Run]:
+        """``repeat`` runs of each, alternating, so that both meet the same load."""
+        a, b = [], []
+        for _ in range(repeat):
+            a.append(run(ours, env))
+            before_theirs()
+            b.append(run(theirs, pipe_to_cat=pipe))
+        return best(a), best(b)
+
+    def fresh0() -> None:
+        snar0.unlink(missing_ok=True)
+
+    def fresh1() -> None:
+        shutil.copy(snar0, snar1)
+
+    def row(step: str, ours: Run, theirs: Run, what: str, target: str, extra: str = "", theirs_extra: str = "") -> None:
+        rows.append((label, step, f"{ours[0]:.2f} s{extra}", f"{ours[1]:.2f} s", f"{ours[2] / 1024:.0f} MB",
+                     f"{what}: {theirs[0]:.2f} s{theirs_extra}", f"{theirs[1]:.2f} s",
+                     f"{ours[0] / theirs[0]:.2f}x ({target})", f"{ours[1] / theirs[1]:.2f}x", load()))
+
     try:
-        tar_read = tar_full_read(root, snar0, excludes)
-        base_t, base_rss = timed(snap(root, "base"), env=env)
-        rows.append((label, "base", f"{base_t:.2f} s", f"{base_rss / 1024:.0f} MB", f"tar -S -g reading every file: {tar_read:.2f} s",
-                     f"{base_t / tar_read:.2f}x (<= 1.5x)", load()))
-        snar0.unlink()
-        tar_walk = tar_to(root, snar0, "/dev/null", excludes, [])
-        status_t, status_rss = timed(snap(root, "status"), env=env)
-        rows.append((label, "status, nothing changed", f"{status_t:.2f} s", f"{status_rss / 1024:.0f} MB",
-                     f"tar level 0 metadata walk: {tar_walk:.2f} s", f"{status_t / tar_walk:.2f}x (<= 1.0x)", load()))
+        ours, theirs = pair(snap(root, "base"), tar_argv(root, snar0, "-", excludes, []), fresh0, pipe=True)
+        row("base", ours, theirs, "tar -S -g reading every file", "<= 1.5x")
+        ours, theirs = pair(snap(root, "status"), tar_argv(root, snar0, "/dev/null", excludes, []), fresh0)
+        row("status, nothing changed", ours, theirs, "tar level 0 metadata walk", "<= 1.0x")
         changed = change_one_percent(root, entries)
-        shutil.copy(snar0, snar1)
-        tar_walk1 = tar_to(root, snar1, "/dev/null", excludes, [])
-        status1_t, status1_rss = timed(snap(root, "status"), env=env)
-        rows.append((label, f"status, {changed} changed", f"{status1_t:.2f} s", f"{status1_rss / 1024:.0f} MB",
-                     f"tar level 1 walk: {tar_walk1:.2f} s", f"{status1_t / tar_walk1:.2f}x (<= 1.0x)", load()))
-        delta = work / "delta.tar.zst"
-        changes_t, changes_rss = timed(snap(root, "changes", str(delta)), env=env)
-        shutil.copy(snar0, snar1)
-        tar_gz = work / "tar-level1.tar.gz"
-        tar_z = tar_to(root, snar1, str(tar_gz), excludes, ["-z"])
-        rows.append((label, "changes (.tar.zst)", f"{changes_t:.2f} s, {delta.stat().st_size / 1e6:.1f} MB", f"{changes_rss / 1024:.0f} MB",
-                     f"tar -z level 1: {tar_z:.2f} s, {tar_gz.stat().st_size / 1e6:.1f} MB", f"{changes_t / tar_z:.2f}x (<= 0.5x)", load()))
+        ours, theirs = pair(snap(root, "status"), tar_argv(root, snar1, "/dev/null", excludes, []), fresh1)
+        row(f"status, {changed} changed", ours, theirs, "tar level 1 walk", "<= 1.0x")
+        ours, theirs = pair(snap(root, "changes", str(delta)), tar_argv(root, snar1, str(tar_gz), excludes, ["-z"]), fresh1)
+        row("changes (.tar.zst)", ours, theirs, "tar -z level 1", "<= 0.5x", f", {delta.stat().st_size / 1e6:.2f} MB",
+            f", {tar_gz.stat().st_size / 1e6:.2f} MB")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        for leftover in (snar0, snar1, work / "delta.tar.zst", work / "tar-level1.tar.gz"):
+        for leftover in (snar0, snar1, delta, tar_gz):
             leftover.unlink(missing_ok=True)
     return rows
 
 
-def run_scale(sizes: list[int], write: bool = True) -> int:
+def run_scale(sizes: list[int], write: bool = True, repeat: int = 3) -> int:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "apppot_guest")], check=True)
     work = Path(tempfile.mkdtemp(prefix="apppot-bench-scale-", dir=os.environ.get("APPPOT_BENCH_DIR", "/var/tmp")))
     env = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
@@ -160,21 +183,23 @@ def run_scale(sizes: list[int], write: bool = True) -> int:
     try:
         excludes = tar_excludes(work)
         for entries in sizes:
-            rows += measure(work, entries, excludes, env)
-            for row in rows[-4:]:
+            rows += measure(work, entries, excludes, env, repeat if entries < 1_000_000 else max(1, repeat - 1))
+            for row in rows[-4:]:  # as it goes
                 print(" | ".join(row), file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rss = [float(r[3].split()[0]) for r in rows]
+    rss = [float(r[4].split()[0]) for r in rows]
     table = [
         f"Machine: {machine()}.",
         "Synthetic trees (bench/bench_scale.py): about 99 entries per directory, small files of about 20 bytes, a symlink and "
         "a hardlink to the previous directory in each, a 4 MiB file every 100 directories and a 256 MiB sparse file "
-        "(64 KiB of data) every 500. One run of each step, warm page cache; the load average (1, 5, 15 min) after each "
-        "step is in the last column: other work shared the machine's 2 cores.",
+        f"(64 KiB of data) every 500. Each step {repeat} times (1M entries: {max(1, repeat - 1)}), apppot-snap and tar "
+        "alternately; the fastest wall time and the least CPU time (user + system, workers included) of each; warm page "
+        "cache. The load average (1, 5, 15 min) after each step is in the last column: other work shared the machine's "
+        "2 cores, so wall times are noisy and the CPU ratio is the steadier measure.",
         "",
-        "| tree | step | apppot-snap | peak RSS | GNU tar, same tree | ratio (target) | load |",
-        "|---|---|---|---|---|---|---|",
+        "| tree | step | apppot-snap | CPU | peak RSS | GNU tar, same tree | tar CPU | wall ratio (target) | CPU ratio | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *["| " + " | ".join(row) + " |" for row in rows],
         "",
         f"Peak RSS over all steps and sizes: {max(rss):.0f} MB (target <= 150 MB at 1M entries, the same order at 100k and 1M).",

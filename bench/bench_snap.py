@@ -128,12 +128,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", action="store_true", help="the large-tree benchmark instead of the reference scenario")
     parser.add_argument("--sizes", default="100000,300000,1000000", help="--scale: entries per tree, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="--scale: runs of each step (one fewer at 1M entries)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md alone")
     options = parser.parse_args()
     if options.scale:
         from bench_scale import run_scale  # beside this file
 
-        return run_scale([int(n) for n in options.sizes.split(",")], write=not options.no_write)
+        return run_scale([int(n) for n in options.sizes.split(",")], write=not options.no_write, repeat=options.repeat)
     if os.geteuid() != 0:
         print("bench_snap: error: run as root (debootstrap and chroot)", file=sys.stderr)
         return 2
