@@ -24,6 +24,8 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from .errors import AppPotError
+
 DEPTH = 2  # tasks queued per worker
 
 
@@ -77,7 +79,13 @@ class ForkPool:
         for _ in range(workers):
             task_r, task_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                for fd in (task_r, task_w, result_r, result_w):
+                    os.close(fd)
+                self.close()
+                raise
             if pid == 0:  # the worker
                 try:
                     for other in self.workers:
@@ -158,7 +166,7 @@ def _read_exactly(fd: int, size: int, eof_ok: bool = False) -> bytes:
     while got < size:
         more = os.read(fd, min(size - got, 1 << 20))
         if not more:
-            raise EOFError("a worker process ended unexpectedly")
+            raise AppPotError("a worker process of apppot-snap ended unexpectedly (killed, or out of memory?)")
         parts.append(more)
         got += len(more)
     return b"".join(parts)

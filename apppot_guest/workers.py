@@ -21,6 +21,7 @@ Workers die with the command (``PR_SET_PDEATHSIG``), even when it is killed.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ BATCH_BYTES = 8 << 20  # a batch holds about this much content; a larger file is
 WINDOW = 2048  # entries passed along per batch, hashed or not: bounds what waits in memory
 LOOKAHEAD = 16  # directory listings prepared ahead of the walk
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # What a worker works on, inherited through fork (never pickled): root, exclude, on_temporary.
 _context: tuple[bytes, Excluder, Callable[[bytes], object] | None] = (b"", Excluder([]), None)
@@ -78,11 +80,16 @@ class Workers:
             self._pool = None
         self._todo.clear()
 
-    def _get_pool(self) -> ForkPool:
-        if self._pool is None:
+    def _get_pool(self) -> ForkPool | None:
+        """The pool, forked on first use; None if there is none (one CPU, or no process could be forked)."""
+        if self._pool is None and self.workers > 1:
             global _context
             _context = (self.root, self.exclude, self.on_temporary)
-            self._pool = ForkPool(self.workers)
+            try:
+                self._pool = ForkPool(self.workers)
+            except OSError as exc:  # e.g. EAGAIN at a process limit: do the work here instead
+                log.debug("no worker processes (%s): working in one process", exc.strerror)
+                self.workers = 1
         return self._pool
 
     # -- listings ----------------------------------------------------------------------------
@@ -111,7 +118,7 @@ class Workers:
             return
         subdirs, ahead, position = self._todo[-1]
         pool = self._get_pool()
-        while position[0] < len(subdirs) and len(ahead) < LOOKAHEAD and pool.has_room():
+        while pool is not None and position[0] < len(subdirs) and len(ahead) < LOOKAHEAD and pool.has_room():
             rel_dir = subdirs[position[0]]
             position[0] += 1
             if rel_dir + b"/" > last:
@@ -120,9 +127,10 @@ class Workers:
     # -- hashes ------------------------------------------------------------------------------
 
     def _submit(self, files: list[tuple[bytes, bool]]) -> Any:
-        if self.workers < 2 or not files:
+        pool = self._get_pool() if files else None
+        if pool is None:
             return hash_batch(self.root, files) if files else []
-        return self._get_pool().submit(_hash_task, files)
+        return pool.submit(_hash_task, files)
 
     def map(self, items: Iterable[T], wanted: Callable[[T], tuple[bytes, int, bool] | None]) -> Iterator[tuple[T, Digest | None]]:
         """Each item with the digest of the file ``wanted(item)`` names as ``(rel, size, sparse)`` (None: no hash).

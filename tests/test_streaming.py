@@ -3,6 +3,7 @@ in-memory one gave (tests/legacy_snap.py), on the fixtures, on odd orderings and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -154,3 +155,34 @@ def test_any_changes_compare_as_before(odd_template: Path, ops: list[tuple]) -> 
         for op in ops:
             apply(root, op)
         assert_same_as_before(root, workers=(2,))
+
+
+def test_workers_die_with_a_killed_command(tmp_path: Path) -> None:
+    """SIGKILL leaves no worker behind: none holds the caller's stderr, none is left running."""
+    from test_snap_faults import start
+
+    root = make_rootfs(tmp_path / "root")
+    for i in range(40):  # enough directories that listings go to workers
+        (root / f"opt/many/d{i}").mkdir(parents=True)
+    for action in (["base"], ["status"]):
+        if action == ["status"]:
+            run_snap("--root", root, "base")
+        proc = start("--root", root, *action, fault="scanned:1:kill")
+        proc.communicate(timeout=120)  # returns once every holder of its stderr is gone
+        assert proc.returncode == -9
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    assert os.fsencode(root) not in (entry / "cmdline").read_bytes(), f"a worker survived: {entry.name}"
+
+
+def test_no_process_to_fork_means_working_in_one(rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert snap.main(["--root", str(rootfs), "base"]) == 0
+    mutate_everything(rootfs)
+    expected = streaming(rootfs, checksum=True, for_delta=True, workers=1)
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert streaming(rootfs, checksum=True, for_delta=True, workers=2) == expected
