@@ -106,6 +106,8 @@ class ForkPool:
 
     def submit(self, function: Callable[..., Any], *args: Any) -> Pending:
         worker = min(self.workers, key=lambda w: len(w.queued))
+        self.workers.remove(worker)  # the next tie goes to another worker
+        self.workers.append(worker)
         while len(worker.queued) >= DEPTH:  # every worker is busy: take in a result first
             worker.receive()
         return worker.send(pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL))
