@@ -6,7 +6,7 @@
 PY := /usr/bin/python3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: deps check check-fast bench clean
+.PHONY: deps check check-fast bench bench-scale clean
 
 deps:
 	./scripts/install-deps
@@ -19,6 +19,10 @@ check-fast: deps
 
 bench: deps
 	$(PY) bench/bench_snap.py
+
+# apppot-snap on synthetic trees of 100k, 300k and 1M entries against GNU tar (about 6 GB in /var/tmp, removed afterwards).
+bench-scale: deps
+	$(PY) bench/bench_snap.py --scale
 
 clean:
 	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis

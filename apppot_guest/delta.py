@@ -39,7 +39,7 @@ from .atomicfile import create_temp
 from .errors import DeltaError, FsError, ToolError, UsageError, display_path, excerpt, fs_error
 from .diff import Diff, Op
 from .manifest import Entry, Kind, escape, format_entry, join_document, parse_entry, unescape
-from .tree import Scan, data_extents, read_content
+from .hashing import data_extents, read_content
 
 log = logging.getLogger(__name__)
 
@@ -307,20 +307,20 @@ def tarinfo_for(entry: Entry) -> tarfile.TarInfo:
     return info
 
 
-def write_members(writer: TarWriter, scan: Scan, ops: Iterable[tuple[Op, Entry | bytes]], progress: Callable[[int, int], None] | None) -> None:
+def write_members(writer: TarWriter, root: bytes, sparse: frozenset[bytes], ops: Iterable[tuple[Op, Entry | bytes]], progress: Callable[[int, int], None] | None) -> None:
     count = 0
     for op, entry in ops:
         if op is not Op.CREATE or not isinstance(entry, Entry):
             continue
         info = tarinfo_for(entry)
         if entry.kind is Kind.FILE and not entry.link:
-            full = os.path.join(scan.broot, entry.path)
+            full = os.path.join(root, entry.path)
             try:
                 fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
             except OSError as exc:
                 raise fs_error(exc, "read", full) from exc
             try:
-                writer.add_file(info, fd, entry.size, entry.path in scan.sparse, entry.digest, full)
+                writer.add_file(info, fd, entry.size, entry.path in sparse, entry.digest, full)
             except BrokenPipeError:
                 raise  # the compressor's end, not this file's
             except OSError as exc:
@@ -360,10 +360,10 @@ class DeltaOutput:
             os.close(self.fd)
             self.fd = -1
 
-    def write(self, scan: Scan, diff: Diff, base_id: str, progress: Callable[[int, int], None] | None = None) -> int:
+    def write(self, root: bytes, diff: Diff, base_id: str, progress: Callable[[int, int], None] | None = None) -> int:
         """Write the delta and give it its name; returns its size in bytes.  Any failure or interrupt leaves nothing."""
         try:
-            self._write(scan, diff, base_id, progress)
+            self._write(root, diff, base_id, progress)
             faults.reached("rename")
             os.replace(self.tmp, self.path)
             size = os.fstat(self.fd).st_size
@@ -375,7 +375,7 @@ class DeltaOutput:
         finally:
             self.discard()
 
-    def _write(self, scan: Scan, diff: Diff, base_id: str, progress: Callable[[int, int], None] | None) -> None:
+    def _write(self, root: bytes, diff: Diff, base_id: str, progress: Callable[[int, int], None] | None) -> None:
         header = header_bytes(base_id, diff.ops)
         info = tarfile.TarInfo(HEADER_NAME)
         info.size, info.mode, info.mtime = len(header), 0o644, int(time.time())
@@ -383,7 +383,7 @@ class DeltaOutput:
             with open(self.fd, "wb", buffering=0, closefd=False) as out:
                 writer = TarWriter(out, self.path)
                 writer.add(info, header)
-                write_members(writer, scan, diff.ops, progress)
+                write_members(writer, root, diff.sparse, diff.ops, progress)
                 writer.close()
             os.fsync(self.fd)
             return
@@ -397,7 +397,7 @@ class DeltaOutput:
             writer = TarWriter(proc.stdin, self.path)  # type: ignore[arg-type]
             try:
                 writer.add(info, header)
-                write_members(writer, scan, diff.ops, progress)
+                write_members(writer, root, diff.sparse, diff.ops, progress)
                 writer.close()
             except BrokenPipeError:
                 pass  # the compressor died: reported below

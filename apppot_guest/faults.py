@@ -5,7 +5,8 @@ process reaches ``POINT`` for the N-th time (counting from 1).  POINTs are
 named where the code calls ``reached()``: ``rename`` (each rename that makes a
 file visible: a merged entry, a manifest, a delta), ``write`` (each write to
 a delta being made), ``locked`` (the root's lock was just taken), ``scanned``
-(the tree was walked; its files are about to be read), ``stage`` (a merge is
+(the walk has listed the root; no file was read yet: walking and reading then
+go on together), ``stage`` (a merge is
 about to stage a file's content), ``staged`` (a merge checked and staged
 everything and is about to change the root).  ACTIONs:
 

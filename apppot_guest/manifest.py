@@ -26,6 +26,12 @@ path (in byte order) on every other member of the group.
 
 The manifest's ID is the SHA-256 of its entry lines: the same tree gives the
 same ID wherever and whenever it is recorded.
+
+Entries are sorted by the bytes of their paths.  ``BaseWriter`` writes a
+manifest entry by entry as a walk yields them (line 2 is written last, padded
+with spaces to a fixed width, which JSON allows), and ``read_records``
+streams one back, checking order, count and ID as it goes: neither holds more
+than a buffer of the manifest in memory.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from . import __version__
-from .atomicfile import write_atomic
+from . import faults
+from .atomicfile import create_temp, write_atomic
 from .errors import DeltaError, NoBaseError, fs_error
 
 MAGIC = b"apppot-manifest 1"
@@ -281,6 +289,7 @@ def base_path(root: Path) -> Path:
 
 
 def load_base(root: Path) -> Manifest:
+    """The whole base manifest in memory (small trees, tests); commands stream it with ``read_records``."""
     path = base_path(root)
     try:
         data = path.read_bytes()
@@ -289,6 +298,175 @@ def load_base(root: Path) -> Manifest:
     except OSError as exc:
         raise fs_error(exc, "read the base manifest", path) from exc
     return Manifest.from_bytes(data, os.fspath(path))
+
+
+READ_CHUNK = 1 << 20
+HEADER_WIDTH = 255  # bytes of line 2 as BaseWriter writes it, without the newline
+
+
+@dataclass(frozen=True, slots=True)
+class BaseRecords:
+    """A base manifest being read: its header, and its records ``(path, record)`` in path order.
+
+    ``records`` raises DeltaError when the manifest turns out corrupt (its ID,
+    count or order is wrong), at the latest after its last record: a caller
+    acts on a comparison only when the stream has ended.
+    """
+
+    id: str
+    entries: int
+    records: Iterator[tuple[bytes, bytes]]
+
+
+def read_records(root: Path) -> BaseRecords:
+    path = base_path(root)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise NoBaseError(f"no base manifest at {path}: record one with 'apppot-snap base'") from None
+    except OSError as exc:
+        raise fs_error(exc, "read the base manifest", path) from exc
+    where = os.fspath(path)
+    try:
+        head = f.readline(len(MAGIC) + 1) + f.readline(64 << 10)
+        meta, _ = split_document(head, MAGIC, where, "an apppot manifest")
+    except BaseException:
+        f.close()
+        raise
+    return BaseRecords(str(meta.get("id", "")), int(meta.get("entries", -1)) if isinstance(meta.get("entries"), int) else -1,  # type: ignore[arg-type]
+                       _records(f, where, meta))
+
+
+def _records(f: IO[bytes], where: str, meta: dict[str, object]) -> Iterator[tuple[bytes, bytes]]:
+    h = hashlib.sha256()
+    count = 0
+    previous = b""
+    rest = b""
+    with f:
+        while True:
+            try:
+                chunk = f.read(READ_CHUNK)
+            except OSError as exc:
+                raise fs_error(exc, "read the base manifest", where) from exc
+            if not chunk:
+                break
+            h.update(chunk)
+            lines = (rest + chunk if rest else chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                path, tab, record = line.partition(b"\t")
+                try:
+                    if not tab:
+                        raise ValueError("no tab")
+                    if b"\\" in path:
+                        path = unescape(path)
+                except ValueError as exc:
+                    raise DeltaError(f"{where}: bad manifest entry: {exc}") from None
+                if path <= previous:
+                    raise DeltaError(f"{where}: manifest is corrupt (its entries are not sorted)")
+                previous = path
+                count += 1
+                yield path, record
+        if rest:
+            raise DeltaError(f"{where}: manifest is corrupt (its last line is cut short)")
+    if meta.get("id") != "sha256:" + h.hexdigest() or meta.get("entries") != count:
+        raise DeltaError(f"{where}: manifest is corrupt (its ID or entry count does not match its entries)")
+
+
+def read_base_id(root: Path) -> str:
+    """The ID of the base, checked against its entries (in constant memory)."""
+    base = read_records(root)
+    for _ in base.records:
+        pass
+    return base.id
+
+
+class BaseWriter:
+    """Writes a manifest entry by entry (``add``, in path order), computing its ID as it goes.
+
+    ``path`` None: nothing is written (a dry run), the ID is computed all the same.
+    """
+
+    FLUSH_AT = 1 << 20
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.fd = -1
+        self.tmp: Path | None = None
+        self.h = hashlib.sha256()
+        self.entries = 0
+        self.buffer = bytearray()
+        if path is not None:
+            make_dirs_quietly(path.parent)
+            try:
+                self.fd, self.tmp = create_temp(path)
+            except OSError as exc:
+                raise fs_error(exc, "write", path) from exc
+            self.buffer += MAGIC + b"\n" + b" " * HEADER_WIDTH + b"\n"
+        self.body_starts = len(self.buffer)
+
+    def add(self, path: bytes, record: bytes) -> None:
+        self.buffer += escape(path) + b"\t" + record + b"\n" if _NEEDS_ESCAPE(path) else path + b"\t" + record + b"\n"
+        self.entries += 1
+        if len(self.buffer) >= self.FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        view = memoryview(self.buffer)
+        self.h.update(view[self.body_starts :])
+        self.body_starts = 0
+        try:
+            while self.fd >= 0 and view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            raise fs_error(exc, "write", self.path) from exc
+        finally:
+            view.release()
+        self.buffer = bytearray()
+
+    @property
+    def id(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+    def finish(self) -> str:
+        """Complete the manifest and give it its name (unless a dry run); returns its ID."""
+        self._flush()
+        if self.path is None or self.tmp is None:
+            return self.id
+        created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta = {"apppot_version": __version__, "created": created, "entries": self.entries, "id": self.id}
+        line = json.dumps(meta, sort_keys=True).encode()
+        assert len(line) <= HEADER_WIDTH, line
+        try:
+            os.pwrite(self.fd, line.ljust(HEADER_WIDTH), len(MAGIC) + 1)
+            os.fsync(self.fd)
+            os.fchmod(self.fd, 0o644)
+            faults.reached("rename")
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise fs_error(exc, "write", self.path) from exc
+        self.tmp = None
+        self.discard()
+        try:  # make the rename itself durable
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass  # hostfs may not support fsync on a directory
+        return self.id
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+_NEEDS_ESCAPE = _ESCAPE_PATH.search
 
 
 def save_base(root: Path, manifest: Manifest) -> Path:

@@ -33,9 +33,10 @@ from .atomicfile import lock_quietly, temp_name
 from .delta import HEADER_NAME, DeltaHeader, open_archive, read_header
 from .diff import Op
 from .errors import BaseMismatchError, DeltaError, FsError, Interrupted, NoBaseError, UnsafePathError, display_path, fs_error
-from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, load_base, make_dirs_quietly
+from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, make_dirs_quietly, read_base_id
 from .confined import Root, set_metadata_at, set_xattrs
-from .tree import CHUNK, Excluder, hash_zeros
+from .hashing import CHUNK, hash_zeros
+from .tree import Excluder
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class Merge:
     def check_base(self) -> None:
         assert self.header is not None
         try:
-            base_id = load_base(self.root_path).id
+            base_id = read_base_id(self.root_path)
         except NoBaseError:
             if not self.force:
                 raise NoBaseError(f"no base manifest in {self.root_path / BASE_DIR}: cannot check that {self.delta} fits this image (--force applies it anyway)") from None

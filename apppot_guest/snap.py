@@ -15,16 +15,18 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import NoReturn
 
 from . import __version__
 from . import faults
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
-from .diff import Diff, compare
+from .diff import Diff, compare, with_read_metadata
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line
-from .manifest import Manifest, load_base, save_base
+from .manifest import BaseRecords, BaseWriter, base_path, read_records
 from .state import RootLock, recover, remove_leftover
-from .tree import Excluder, Scan
+from .tree import Excluder, Item, walk
+from .workers import Workers
 
 PROG = "apppot-snap"
 log = logging.getLogger(PROG)
@@ -40,14 +42,17 @@ class Progress:
         self.label, self.enabled = label, enabled and terminal
         self.last = 0.0
         self.shown = False
+        self.entries = self.nbytes = 0
 
     def __call__(self, entries: int, nbytes: int) -> None:
+        """Entries walked and bytes read so far (0: no news of that count)."""
         now = time.monotonic()
         if not self.enabled or now - self.last < 0.1:
             return
         self.last = now
         self.shown = True
-        sys.stderr.write(f"\r{self.label}: {entries} entries, {nbytes / 1e6:.1f} MB\x1b[K")
+        self.entries, self.nbytes = entries or self.entries, nbytes or self.nbytes
+        sys.stderr.write(f"\r{self.label}: {self.entries} entries, {self.nbytes / 1e6:.1f} MB read\x1b[K")
         sys.stderr.flush()
 
     def done(self) -> None:
@@ -78,41 +83,61 @@ def load_excluder(args: argparse.Namespace, extra_paths: tuple[Path, ...] = ()) 
     return Excluder.load(args.root, args.exclude_from or (), extra_paths)
 
 
-def scan_tree(root: Path, exclude: Excluder, progress: Progress) -> Scan:
-    """Walk the root; AppPot temporaries met on the way are never listed, and dead ones are removed."""
-    scan = Scan(root, exclude, progress)
-    for leftover in scan.temporaries:
-        remove_leftover(leftover)
+def walk_tree(root: Path, exclude: Excluder, workers: Workers) -> Iterator[Item]:
+    """Walk the root in manifest order; AppPot temporaries met on the way are never listed, and dead ones are removed."""
+    items = walk(root, exclude, on_temporary=remove_leftover, lister=workers)
+    first = next(items, None)  # the root is listed: the walk has begun, no file was read yet
     faults.reached("scanned")
-    return scan
+    if first is not None:
+        yield first
+        yield from items
 
 
-def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Excluder) -> tuple[Manifest, Scan, Diff]:
-    base = load_base(args.root)
+def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Excluder) -> tuple[BaseRecords, Diff]:
+    base = read_records(args.root)
     progress = Progress("scanning", args.progress)
-    scan = scan_tree(args.root, exclude, progress)
-    diff = compare(base, scan, exclude, checksum=args.checksum, for_delta=for_delta, progress=progress)
+    with Workers(os.fsencode(args.root), exclude, remove_leftover) as workers:
+        diff = compare(base, walk_tree(args.root, exclude, workers), exclude, workers, checksum=args.checksum, for_delta=for_delta, progress=progress)
     progress.done()
-    return base, scan, diff
+    return base, diff
+
+
+def _file_of(item: Item) -> tuple[bytes, int, bool] | None:
+    path, key, sparse = item
+    return (path, int(key.split(b"\t", 5)[4]), sparse) if key[:1] == b"f" else None
 
 
 def cmd_base(args: argparse.Namespace) -> int:
+    """Walk, hash and write in one stream: the manifest is written as the walk goes."""
     progress = Progress("recording base", args.progress)
-    scan = scan_tree(args.root, load_excluder(args), progress)
-    scan.hash_files(list(scan.keys), progress)
-    progress.done()
-    manifest = Manifest.from_records({path: scan.record(path) for path in scan.keys})
-    summary = f"{manifest.id} ({len(manifest)} entries, {scan.total_bytes / 1e6:.1f} MB)"
+    exclude = load_excluder(args)
+    writer = BaseWriter(None if args.just_print else base_path(args.root))
+    try:
+        entries = nbytes = 0
+        with Workers(os.fsencode(args.root), exclude, remove_leftover) as workers:
+            for (path, key, _), digest in workers.map(walk_tree(args.root, exclude, workers), _file_of):
+                if digest is None:
+                    writer.add(path, key + b"\t")
+                else:
+                    writer.add(path, with_read_metadata(key, digest) + b"\t" + digest[0].encode())
+                    nbytes += digest[1]
+                entries += 1
+                if entries == 1 or not entries & 1023:
+                    progress(entries, nbytes)
+        progress.done()
+        manifest_id = writer.finish()
+    finally:
+        writer.discard()
+    summary = f"{manifest_id} ({entries} entries, {nbytes / 1e6:.1f} MB)"
     if args.just_print:
         print(f"would record base {summary} in {args.root}")
         return 0
-    path = save_base(args.root, manifest)
-    print(f"recorded base {summary} in {path}")
+    print(f"recorded base {summary} in {base_path(args.root)}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    base, _, diff = scan_and_compare(args, for_delta=False, exclude=load_excluder(args))
+    base, diff = scan_and_compare(args, for_delta=False, exclude=load_excluder(args))
     if args.json:
         items = [{"status": str(c.status), "path": "/" + os.fsdecode(c.path), "what": list(c.what)} for c in diff.changes]
         json.dump({"root": os.fspath(args.root), "base_id": base.id, "changes": items}, sys.stdout, indent=1)
@@ -134,7 +159,7 @@ def cmd_changes(args: argparse.Namespace) -> int:
     exclude = load_excluder(args, extra_paths=(out,))
     output = None if args.just_print else DeltaOutput(out)  # an unwritable destination is reported before the scan
     try:
-        base, scan, diff = scan_and_compare(args, for_delta=True, exclude=exclude)
+        base, diff = scan_and_compare(args, for_delta=True, exclude=exclude)
         if args.just_print or args.verbose:
             for op, item in diff.ops:
                 path = item if isinstance(item, bytes) else item.path
@@ -143,7 +168,7 @@ def cmd_changes(args: argparse.Namespace) -> int:
             print(f"would write {out}: {len(diff.changes)} changed paths against base {base.id}")
             return 0
         progress = Progress("writing", args.progress)
-        size = output.write(scan, diff, base.id, progress)
+        size = output.write(os.fsencode(args.root), diff, base.id, progress)
         progress.done()
     finally:
         if output is not None:

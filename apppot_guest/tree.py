@@ -1,26 +1,33 @@
-"""Walking a root: exclusions, lstat metadata, xattrs, hardlink groups, content hashes."""
+"""Walking a root: exclusions, lstat metadata, xattrs, hardlink groups, in manifest order.
+
+``walk`` yields every entry of a root in the byte order of its full path, the
+order of a manifest, so that a manifest and a tree can be compared as two
+sorted streams (see diff.py).  It holds one listing per directory level it is
+in, plus the hardlink groups whose members have not all been met yet (only
+files with more than one link, which are few: see ``walk``).
+"""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 from pathlib import Path
+from typing import Protocol
 
 from .atomicfile import ANY_MARK, is_temporary
-from .errors import ConfigError, FsError, fs_error
-from .manifest import KIND_OF_MODE, Entry, Kind, escape, format_key, parse_record
+from .errors import ConfigError, fs_error
+from .manifest import KIND_OF_MODE, Kind, escape, format_key
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXCLUDE = Path(__file__).with_name("exclude.default")
 IMAGE_EXCLUDE = Path("etc/apppot/exclude")  # the package's conffile, under the root
-CHUNK = 1 << 20
-_ZEROS = bytes(CHUNK)
+Item = tuple[bytes, bytes, bool]  # what a walk yields: path, manifest key (see manifest.py), sparse file?
 
 
 def _glob_to_regex(component: bytes) -> bytes:
@@ -54,6 +61,12 @@ class Excluder:
         alternatives = [b"/".join(parts) for parts in self._components]
         body = b"|".join(alternatives) if alternatives else b"(?!)"
         self._regex = re.compile(b"(?:" + body + b")(?:/.*)?", re.S)
+        # For each depth N with patterns of N components: their first N-1 components, which
+        # the directory must match for a pattern to match an entry in it.
+        by_depth: dict[int, list[bytes]] = {}
+        for parts in self._components:
+            by_depth.setdefault(len(parts), []).append(b"/".join(parts[:-1]))
+        self._prefixes = {n: re.compile(b"|".join(p), re.S) for n, p in by_depth.items()}
 
     def __call__(self, rel: bytes) -> bool:
         return self._regex.fullmatch(rel) is not None
@@ -65,7 +78,8 @@ class Excluder:
         never enters an excluded directory, so deeper entries need no test at all.
         """
         depth = rel_dir.count(b"/") + 2 if rel_dir else 1
-        if not any(len(parts) == depth for parts in self._components):
+        prefixes = self._prefixes.get(depth)
+        if prefixes is None or (depth > 1 and prefixes.fullmatch(rel_dir) is None):
             return None
         return self
     @classmethod
@@ -127,196 +141,131 @@ def read_xattrs(path: bytes | int) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted(pairs))
 
 
-class Scan:
-    """One walk of a root: the manifest key of every entry, and content hashes on demand."""
-
-    def __init__(self, root: Path, exclude: Excluder, progress: Callable[[int, int], None] | None = None) -> None:
-        self.root = root
-        self.broot = os.fsencode(root)
-        self.keys: dict[bytes, bytes] = {}  # path -> manifest key (kind ... link)
-        self.digests: dict[bytes, str] = {}  # path -> sha256, for the files hashed so far
-        self.sparse: set[bytes] = set()
-        self.temporaries: list[bytes] = []  # full paths of AppPot temporaries met on the way
-        self.total_bytes = 0
-        self._walk(exclude, progress)
-
-    def entry(self, rel: bytes, digest: str | None = None) -> Entry:
-        """The full entry of ``rel``, with its hash if known (or ``digest``)."""
-        return parse_record(rel, self.keys[rel] + b"\t" + (digest if digest is not None else self.digests.get(rel, "")).encode())
-
-    def record(self, rel: bytes) -> bytes:
-        return self.keys[rel] + b"\t" + self.digests.get(rel, "").encode()
-
-    def is_plain_file(self, rel: bytes) -> bool:
-        """A regular file that is not a second name of another (a hardlink member)."""
-        key = self.keys[rel]
-        return key[:1] == b"f" and key.endswith(b"\t")
-
-    def _walk(self, exclude: Excluder, progress: Callable[[int, int], None] | None) -> None:
-        try:
-            root_dev = os.lstat(self.broot).st_dev
-        except OSError as exc:
-            raise fs_error(exc, "read the root", self.root) from exc
-        inodes: dict[tuple[int, int], list[bytes]] = {}
-        keys = self.keys
-        stack: list[bytes] = [b""]
-        while stack:
-            rel_dir = stack.pop()
-            full_dir = os.path.join(self.broot, rel_dir) if rel_dir else self.broot
-            try:
-                listing = list(os.scandir(full_dir))
-            except OSError as exc:
-                raise fs_error(exc, "list", full_dir) from exc
-            excluded = exclude.in_directory(rel_dir)
-            for item in listing:
-                rel = rel_dir + b"/" + item.name if rel_dir else item.name
-                if excluded and excluded(rel):
-                    continue
-                if ANY_MARK in item.name and is_temporary(item.name):
-                    self.temporaries.append(item.path)  # AppPot's own, live or left by a dead run: never recorded
-                    continue
-                try:
-                    st = item.stat(follow_symlinks=False)
-                    kind = KIND_OF_MODE.get(stat.S_IFMT(st.st_mode))
-                    if kind is None:
-                        continue  # a socket: it cannot be archived and is recreated by its program
-                    target = b""
-                    if kind is Kind.DIR:
-                        if st.st_dev != root_dev:
-                            log.debug("not crossing into the mount point %s", os.fsdecode(item.path))
-                            continue
-                        stack.append(rel)
-                    elif kind is Kind.FILE:
-                        if st.st_nlink > 1:
-                            inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-                        if st.st_blocks * 512 < st.st_size:
-                            self.sparse.add(rel)
-                        self.total_bytes += st.st_size
-                    elif kind is Kind.SYMLINK:
-                        target = os.readlink(item.path)
-                    keys[rel] = format_key(
-                        kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size if kind is Kind.FILE else 0,
-                        st.st_mtime_ns, target, st.st_rdev, read_xattrs(item.path), b"",
-                    )
-                except FileNotFoundError:
-                    continue  # vanished while we looked: not part of this tree
-                except OSError as exc:
-                    raise fs_error(exc, "read", item.path) from exc
-            if progress:
-                progress(len(keys), 0)
-        for group in inodes.values():
-            if len(group) > 1:
-                leader = min(group)
-                for member in group:
-                    if member != leader:
-                        keys[member] += escape(leader)
-
-    def hash_files(self, paths: Iterable[bytes], progress: Callable[[int, int], None] | None = None) -> None:
-        """Hash the regular files ``paths`` in a few threads (hashlib releases the GIL).
-
-        A hash always belongs to the size and mtime recorded with it: a file
-        whose size or mtime is no longer what the walk saw gets its key updated
-        to what was actually read (see ``_hash_one``).
-        """
-        from concurrent.futures import ThreadPoolExecutor  # only hashing needs threads
-
-        todo = [p for p in paths if self.keys[p][:1] == b"f" and p not in self.digests]
-        batches = [todo[i : i + 64] for i in range(0, len(todo), 64)]  # bounded: no future per file
-        done_bytes = 0
-        workers = min(8, 2 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for batch, results in zip(batches, pool.map(self._hash_batch, batches)):
-                for rel, (digest, size, mtime_ns) in zip(batch, results):
-                    self.digests[rel] = digest
-                    fields = self.keys[rel].split(b"\t")
-                    if (fields[4], fields[5]) != (b"%d" % size, b"%d" % mtime_ns):
-                        log.info("%s changed after it was listed; recording what was read", os.fsdecode(rel))
-                        self.total_bytes += size - int(fields[4])
-                        fields[4:6] = [b"%d" % size, b"%d" % mtime_ns]
-                        self.keys[rel] = b"\t".join(fields)
-                if progress:
-                    done_bytes += sum(int(self.keys[p].split(b"\t", 5)[4]) for p in batch)
-                    progress(len(self.keys), done_bytes)
-
-    def _hash_batch(self, batch: list[bytes]) -> list[tuple[str, int, int]]:
-        return [self._hash_one(rel) for rel in batch]
-
-    def _hash_one(self, rel: bytes) -> tuple[str, int, int]:
-        """The hash of ``rel`` and the size and mtime it had all the while it was read."""
-        full = os.path.join(self.broot, rel)
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
-        except OSError as exc:
-            raise fs_error(exc, "read", full) from exc
-        try:
-            for _ in range(3):
-                before = os.fstat(fd)
-                digest = hash_fd(fd, rel in self.sparse)
-                after = os.fstat(fd)
-                if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns):
-                    return digest, after.st_size, after.st_mtime_ns
-            raise FsError(f"cannot record {os.fsdecode(full)}: it kept changing while it was read; run again when it is quiet")
-        except FsError:
-            raise
-        except OSError as exc:
-            raise fs_error(exc, "read", full) from exc
-        finally:
-            os.close(fd)
 
 
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """The (offset, length) runs of a file that hold data; the rest are holes."""
-    extents = []
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole from here on
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        extents.append((start, min(end, size) - start))
-        offset = end
-    os.lseek(fd, 0, os.SEEK_SET)
-    return extents
+class Lister(Protocol):
+    """Where a walk gets its directory listings (``list_dir``'s results) from: e.g. workers.Workers."""
+
+    def listing(self, rel_dir: bytes, root_dev: int) -> list[Planned]: ...
 
 
-def read_content(fd: int, size: int, extents: list[tuple[int, int]], h: hashlib._Hash) -> Iterator[memoryview]:
-    """Yield the data of ``extents`` of the file ``fd`` chunk by chunk, feeding the whole
-    content (holes as zeros, without reading them) to the hash ``h``.
+def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] | None = None, lister: Lister | None = None) -> Iterator[Item]:
+    """Every entry under ``root`` (not crossing mount points, leaving out what ``exclude`` says),
+    as ``(path, key, sparse)``, in the byte order of the full paths.
 
-    Raises FsError if the file is shorter than its extents say (it shrank while being read).
+    A manifest sorts full paths as bytes, which is not "each directory's names
+    sorted, depth first": ``a-b`` comes between ``a`` and ``a/b``, as ``-`` sorts
+    before ``/``.  So each directory's listing is sorted with every
+    subdirectory standing twice: as ``name`` (the entry) and as ``name/`` (the
+    place where its contents come); the contents of a directory are
+    contiguous in full-path order, so they are listed only when their turn comes.
+
+    Hardlinks: the first member of a group in this order is the smallest path,
+    the group's leader; every later member's key names it.  A group is
+    remembered from its first member until ``st_nlink`` members were met, so
+    memory holds only groups split across the part of the tree yet to come
+    (and those with members outside the tree or excluded).
+
+    AppPot temporaries met on the way are never listed; ``on_temporary`` gets their full paths.
+    ``lister`` lists directories instead of this process (ahead of the walk, in
+    other processes); it must use the same ``exclude`` and ``on_temporary``.
     """
-    view = memoryview(bytearray(CHUNK))
-    position = 0
-    for start, length in extents:
-        hash_zeros(h, start - position)
-        os.lseek(fd, start, os.SEEK_SET)
-        remaining = length
-        while remaining:
-            n = os.readv(fd, [view[: min(CHUNK, remaining)]])
-            if not n:
-                raise FsError(f"a file shrank while it was being read (at byte {start + length - remaining})")
-            h.update(view[:n])
-            yield view[:n]
-            remaining -= n
-        position = start + length
-    hash_zeros(h, size - position)
+    broot = os.fsencode(root)
+    try:
+        root_dev = os.lstat(broot).st_dev
+    except OSError as exc:
+        raise fs_error(exc, "read the root", root) from exc
+    groups: dict[tuple[int, int], list[object]] = {}  # (st_dev, st_ino) -> [leader, members still to come]
+
+    def list_here(rel_dir: bytes, root_dev: int) -> list[Planned]:
+        return list_dir(broot, rel_dir, root_dev, exclude, on_temporary)
+
+    listing = lister.listing if lister is not None else list_here
+    stack: list[Iterator[Planned]] = [iter(listing(b"", root_dev))]
+    while stack:
+        planned = next(stack[-1], None)
+        if planned is None:
+            stack.pop()
+            continue
+        _, rel, key, sparse, inode, nlink = planned
+        if key is None:  # the contents of the directory rel, whose entry came earlier
+            stack.append(iter(listing(rel, root_dev)))
+            continue
+        if inode is not None:
+            group = groups.get(inode)
+            if group is None:
+                groups[inode] = [rel, nlink - 1]
+            else:
+                key += escape(group[0])  # type: ignore[arg-type]
+                group[1] -= 1  # type: ignore[operator]
+                if group[1] <= 0:  # type: ignore[operator]
+                    del groups[inode]
+        yield rel, key, sparse
 
 
-def hash_fd(fd: int, sparse: bool = False) -> str:
-    """SHA-256 of the file's content; holes of a sparse file are hashed as zeros without reading them."""
-    h = hashlib.sha256()
-    size = os.fstat(fd).st_size
-    for _ in read_content(fd, size, data_extents(fd, size) if sparse else [(0, size)], h):
-        pass
-    return h.hexdigest()
+# One planned step of a walk: sort key, path, manifest key (None: list this directory now),
+# sparse, hardlink inode (None: a single link), link count.
+Planned = tuple[bytes, bytes, "bytes | None", bool, "tuple[int, int] | None", int]
+_by_sort_key = itemgetter(0)
+_KIND_BYTES = {kind: kind.encode() for kind in Kind}
 
 
-def hash_zeros(h: hashlib._Hash, count: int) -> None:
-    """Feed ``count`` zero bytes (a hole) to the hash ``h``."""
-    while count > 0:
-        n = min(count, CHUNK)
-        h.update(_ZEROS[:n] if n < CHUNK else _ZEROS)
-        count -= n
+def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_temporary: Callable[[bytes], object] | None) -> list[Planned]:
+    """The entries of one directory, each with its key, and its subdirectories' contents to come, in walk order."""
+    full_dir = os.path.join(broot, rel_dir) if rel_dir else broot
+    try:
+        listing = list(os.scandir(full_dir))
+    except OSError as exc:
+        raise fs_error(exc, "list", full_dir) from exc
+    excluded = exclude.in_directory(rel_dir)
+    prefix = rel_dir + b"/" if rel_dir else b""
+    planned: list[Planned] = []
+    append = planned.append
+    kinds, file_kind, dir_kind, link_kind = KIND_OF_MODE, Kind.FILE, Kind.DIR, Kind.SYMLINK
+    listxattr, s_ifmt, s_imode = os.listxattr, stat.S_IFMT, stat.S_IMODE
+    for item in listing:
+        name = item.name
+        rel = prefix + name
+        if excluded and excluded(rel):
+            continue
+        if ANY_MARK in name and is_temporary(name):
+            if on_temporary is not None:
+                on_temporary(item.path)  # AppPot's own, live or left by a dead run: never recorded
+            continue
+        try:
+            st = item.stat(follow_symlinks=False)
+            kind = kinds.get(s_ifmt(st.st_mode))
+            if kind is None:
+                continue  # a socket: it cannot be archived and is recreated by its program
+            target = b""
+            sparse = False
+            inode = None
+            size = 0
+            if kind is file_kind:
+                size = st.st_size
+                if st.st_nlink > 1:
+                    inode = (st.st_dev, st.st_ino)
+                sparse = st.st_blocks * 512 < size
+            elif kind is dir_kind:
+                if st.st_dev != root_dev:
+                    log.debug("not crossing into the mount point %s", os.fsdecode(item.path))
+                    continue
+                append((name + b"/", rel, None, False, None, 0))
+            elif kind is link_kind:
+                target = os.readlink(item.path)
+            try:
+                has_xattrs = bool(listxattr(item.path, follow_symlinks=False))
+            except OSError:
+                has_xattrs = True  # let read_xattrs tell "none" from a real error
+            if target or has_xattrs or kind is Kind.CHAR or kind is Kind.BLOCK:
+                key = format_key(kind, s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, target, st.st_rdev,
+                                 read_xattrs(item.path) if has_xattrs else (), b"")
+            else:  # the common case, as format_key writes it
+                key = b"%s\t%o\t%d\t%d\t%d\t%d\t\t\t\t" % (_KIND_BYTES[kind], s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns)
+            append((name, rel, key, sparse, inode, st.st_nlink))
+        except FileNotFoundError:
+            continue  # vanished while we looked: not part of this tree
+        except OSError as exc:
+            raise fs_error(exc, "read", item.path) from exc
+    planned.sort(key=_by_sort_key)
+    return planned

@@ -10,10 +10,18 @@ exclusions before the member list).  A 100k-entry tree measures peak memory.
 
 Runs as root (debootstrap, chroot).  Writes the table to docs/benchmarks.md
 between the <!-- snap --> markers and prints it.
+
+``--scale`` (``make bench-scale``) measures instead what the size of an image
+does: synthetic trees of 100k, 300k and 1M entries (many small files, some
+large and some sparse ones, symlinks, hardlinks across directories), each
+generated once, measured and deleted; ``base``, ``status`` (nothing changed,
+then 1% changed) and ``changes`` against GNU tar on the same tree in the same
+run, with peak RSS.  Table between the <!-- snap-scale --> markers.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.machinery
 import os
 import platform
@@ -117,6 +125,16 @@ def machine() -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", action="store_true", help="the large-tree benchmark instead of the reference scenario")
+    parser.add_argument("--sizes", default="100000,300000,1000000", help="--scale: entries per tree, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="--scale: runs of each step (one fewer at 1M entries)")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md alone")
+    options = parser.parse_args()
+    if options.scale:
+        from bench_scale import run_scale  # beside this file
+
+        return run_scale([int(n) for n in options.sizes.split(",")], write=not options.no_write, repeat=options.repeat)
     if os.geteuid() != 0:
         print("bench_snap: error: run as root (debootstrap and chroot)", file=sys.stderr)
         return 2

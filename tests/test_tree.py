@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from apppot_guest.errors import ConfigError
-from apppot_guest.tree import DEFAULT_EXCLUDE, Excluder, Scan, hash_fd, read_patterns
+from apppot_guest.hashing import hash_fd
+from apppot_guest.tree import DEFAULT_EXCLUDE, Excluder, read_patterns, walk
 
 
 @pytest.mark.parametrize(
@@ -79,7 +80,7 @@ def test_scan_does_not_cross_into_other_mounts(rootfs: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
     try:
         (mnt / "remote-data").write_text("x")
-        entries = Scan(rootfs, Excluder([])).keys
+        entries = {path: key for path, key, _ in walk(rootfs, Excluder([]))}
         assert b"srv/remote-data" not in entries and b"srv" not in entries
         assert b"etc/hostname" in entries
     finally:
