@@ -37,7 +37,7 @@ def find_kernel(explicit: str | None, image: Path | None) -> tuple[Path, str]:
             return path.resolve(), why
     found = shutil.which(KERNEL_NAME)
     if found is not None:
-        return Path(found).resolve(), "on PATH"
+        return Path(found), "on PATH"
     raise UsageError("no UML kernel: build AppPot's with 'make kernel' (scripts/build-kernel), or give --linux PATH")
 
 
