@@ -139,10 +139,22 @@ def uml_home() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def run_dirs(uid: int) -> list[Path]:
+    """The launcher's per-run directories in $TMPDIR (or /tmp) that belong to ``uid``."""
+    found = []
+    for path in Path(os.environ.get("TMPDIR") or "/tmp").glob("apppot-run-*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == uid:
+                found.append(path)
+    return found
+
+
 @pytest.fixture(scope="session")
 def uml_user(uml_home: Path) -> Iterator[Account]:
     """A real unprivileged account on the test machine that runs apppot-start."""
     with temporary_user("apppot-u", uml_home) as account:
+        for stale in run_dirs(account.uid):  # an earlier account with this uid left them (a killed launcher)
+            shutil.rmtree(stale, ignore_errors=True)
         yield account
 
 

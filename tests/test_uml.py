@@ -17,7 +17,7 @@ import pytest
 
 from apppot_guest.account import Account
 from apppot_guest.cmdline import PROTOCOL
-from fixtures_uml import LAUNCHER, PYTHON, as_user
+from fixtures_uml import LAUNCHER, PYTHON, as_user, run_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -131,7 +131,7 @@ def test_four_jobs_at_once_on_one_read_only_base(uml_user: Account, apppot_image
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 10 + n, err
         assert (jobdir / "out.txt").read_text() == f"job {n}\n"
-    leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("apppot-run-*") if p.owner() == uml_user.name]
+    leftovers = run_dirs(uml_user.uid)
     assert leftovers == [], "per-run COW directories must be removed"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from apppot_guest.account import Account
-from fixtures_uml import LAUNCHER, PYTHON, as_user
+from fixtures_uml import LAUNCHER, PYTHON, as_user, run_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,7 @@ def wait_for(path: Path, proc: subprocess.Popen[str], within: float = 180) -> No
 def leftovers(user: Account) -> tuple[str, list[Path]]:
     """UML processes and per-run directories of ``user`` still there."""
     procs = subprocess.run(["pgrep", "-a", "-u", str(user.uid)], capture_output=True, text=True, check=False).stdout
-    run_dirs = [p for p in Path("/tmp").glob("apppot-run-*") if p.owner() == user.name]
-    return procs, run_dirs
+    return procs, run_dirs(user.uid)
 
 
 @pytest.fixture
