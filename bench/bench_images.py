@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_boot import LAUNCHER, PYTHON, USER_ID, as_user, cpu_model, timed
+from bench_boot import LAUNCHER, PYTHON, USER_ID, as_user, cpu_model, timed, write_section
 
 BEGIN, END = "<!-- images -->", "<!-- /images -->"
 PROBE = "dpkg-query -W -f '.\\n' | wc -l; dpkg-query -W -f '${Version}\\n' apppot; cat /etc/debian_version"
@@ -78,21 +78,8 @@ def main() -> int:
     section = "\n".join(lines) + "\n"
     print(section)
     if args.write:
-        text = args.write.read_text(encoding="utf-8")
-        if BEGIN not in text:
-            text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-            args.write.write_text(text, encoding="utf-8")
-        write_section_between(args.write, section)
+        write_section(args.write, section, BEGIN, END)
     return 0
-
-
-def write_section_between(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(head + section.rstrip("\n") + tail, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
