@@ -231,7 +231,7 @@ def _failed_cmdline(raw: bytes, exc: ConfigError, layout: Layout, mounter: Mount
         if not salvaged:
             continue
         try:
-            BootConfig(**{name: salvaged})  # the same checks as a good command line's
+            BootConfig(rundir=salvaged) if name == "rundir" else BootConfig(jobdir=salvaged)  # a good line's checks
             mounter.host_dir(salvaged, target)
         except AppPotError as mount_exc:
             log.error("%s", mount_exc)
