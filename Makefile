@@ -5,6 +5,8 @@
 
 PY := /usr/bin/python3
 export PYTHONDONTWRITEBYTECODE := 1
+# The checkout's packages (apppot_guest, apppot_host) for the benchmarks and `python3 -m apppot_host.X`.
+export PYTHONPATH := $(CURDIR)
 
 .PHONY: deps check check-fast bench bench-scale clean
 
@@ -30,13 +32,13 @@ clean:
 # The apppot Debian package (stdeb): out/apppot_<version>-1_all.deb (docs/package.md).
 .PHONY: deb
 deb: deps
-	$(PY) scripts/build-deb
+	$(PY) -m apppot_host.build_deb
 
-# AppPot's static UML kernel: out/linux (scripts/build-kernel; cached under
+# AppPot's static UML kernel: out/linux (apppot-build-kernel; cached under
 # ~/.cache/apppot/kernel, so this is quick once built).
 .PHONY: kernel
 kernel: deps
-	$(PY) scripts/build-kernel
+	$(PY) ./apppot-build-kernel
 
 # The AppPot image and the host launcher (docs/host.md).  `make image` always
 # rebuilds; `demo` and `bench-boot` build it only when it is missing.
@@ -50,7 +52,7 @@ IMAGE_BOOKWORM ?= out/apppot-bookworm.img
 .PHONY: image demo bench-boot bench-images example
 image: deps
 	mkdir -p $(dir $(IMAGE))
-	deb=$$($(PY) scripts/build-deb) && $(PY) scripts/build-image --deb "$$deb" --output $(IMAGE)
+	deb=$$($(PY) -m apppot_host.build_deb) && $(PY) ./apppot-build-image --deb "$$deb" --output $(IMAGE)
 
 $(IMAGE):
 	$(MAKE) image IMAGE=$(IMAGE)
@@ -59,8 +61,8 @@ demo: deps kernel $(IMAGE)
 	@mkdir -p $(DEMO_DIR)
 	@chown $(DEMO_UID):$(DEMO_GID) $(DEMO_DIR)
 	@printf '%s\n' '#include <stdio.h>' 'int main(void) { puts("hello from a program compiled inside AppPot"); return 3; }' > $(DEMO_DIR)/hello.c
-	@echo "demo (as uid $(DEMO_UID)): scripts/apppot-start --image $(IMAGE) --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'"
-	@$(DEMO_AS) scripts/apppot-start --image $(IMAGE) --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'; \
+	@echo "demo (as uid $(DEMO_UID)): ./apppot-start --image $(IMAGE) --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'"
+	@$(DEMO_AS) ./apppot-start --image $(IMAGE) --jobdir $(DEMO_DIR) -- sh -c 'uname -sr; id; gcc -o hello hello.c && ./hello'; \
 	  echo "demo: apppot-start exited with $$? (the job's own exit code); $(DEMO_DIR)/apppot.status.json says:"
 	@cat $(DEMO_DIR)/apppot.status.json
 
@@ -70,7 +72,7 @@ bench-boot: deps kernel $(IMAGE)
 # The images of both suites side by side: size, packages, boot (docs/benchmarks.md).
 $(IMAGE_BOOKWORM):
 	mkdir -p $(dir $@)
-	deb=$$($(PY) scripts/build-deb) && $(PY) scripts/build-image --suite bookworm --deb "$$deb" --output $@
+	deb=$$($(PY) -m apppot_host.build_deb) && $(PY) ./apppot-build-image --suite bookworm --deb "$$deb" --output $@
 
 bench-images: deps kernel $(IMAGE) $(IMAGE_BOOKWORM)
 	$(PY) bench/bench_images.py trixie=$(IMAGE) bookworm=$(IMAGE_BOOKWORM) --write docs/benchmarks.md

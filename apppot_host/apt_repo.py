@@ -25,10 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apppot_guest.errors import AppPotError, UsageError, fs_error  # noqa: E402
-from apppot_guest.proc import run  # noqa: E402
+from apppot_guest.errors import AppPotError, UsageError, fs_error
+from apppot_guest.proc import run
 
 log = logging.getLogger("apt-repo")
 

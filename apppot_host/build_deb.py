@@ -21,10 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, fs_error  # noqa: E402
-from apppot_guest.proc import run  # noqa: E402
+from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, fs_error
+from apppot_guest.proc import run
 
 log = logging.getLogger("build-deb")
 

@@ -6,8 +6,8 @@
 Runs as root (mkrootfs needs debootstrap and chroot).  The steps, each
 announced on stderr:
 
-1. the apppot .deb: ``--deb FILE`` or built now with scripts/build-deb;
-2. a Debian tree from scripts/mkrootfs: minbase, systemd-sysv, the toolchain,
+1. the apppot .deb: ``--deb FILE`` or built now from this source tree;
+2. a Debian tree from apppot_host.mkrootfs: minbase, systemd-sysv, the toolchain,
    iproute2 and the .deb with its dependencies (cached under ~/.cache/apppot);
 3. configured for this image: / on /dev/ubda, hostname, slirp's name server
    (10.0.2.3), an empty machine-id; everything a boot needs (the network unit,
@@ -28,15 +28,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error
+from apppot_guest.proc import run
 
-from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error  # noqa: E402
-from apppot_guest.proc import run  # noqa: E402
+from . import mkrootfs
+from .build_deb import build as build_deb_from
 
 log = logging.getLogger("build-image")
 
-PROG = "build-image"
-HERE = Path(__file__).resolve().parent
+PROG = "apppot-build-image"
+CHECKOUT = Path(__file__).resolve().parent.parent  # build_deb's default source tree
 # Debian 13 (trixie): Debian's stable release since August 2025, with Python 3.13
 # and GCC 14; Debian 12 (bookworm) images keep working (--suite bookworm) and
 # get the same apppot package.
@@ -60,21 +61,17 @@ def step(message: str, *args: object) -> None:
 
 
 def build_deb() -> Path:
-    step("building the apppot package with scripts/build-deb")
-    out = run(["/usr/bin/python3", HERE / "build-deb"], capture=True).stdout.decode().strip().splitlines()
-    if not out or not out[-1].endswith(".deb"):
-        raise ToolError("scripts/build-deb printed no .deb path")
-    return Path(out[-1]).resolve()
+    if not (CHECKOUT / "setup.py").is_file():
+        raise UsageError("no --deb and no AppPot source tree to build the apppot package from: give --deb FILE.deb")
+    step("building the apppot package from %s", CHECKOUT)
+    return build_deb_from(CHECKOUT, CHECKOUT / "out", keep=False, verbose=False)
 
 
 def make_tree(tree: Path, args: argparse.Namespace, deb: Path) -> None:
     packages = [*BASE_PACKAGES, *args.packages]
-    step("making the Debian %s tree with scripts/mkrootfs (packages: %s; .deb: %s)", args.suite, " ".join(packages), deb.name)
-    argv = [HERE / "mkrootfs", tree, "--suite", args.suite, "--mirror", args.mirror, "--packages", *packages, "--debs", deb]
-    if args.verbose:
-        argv.append("-v")
-    if run(argv, check=False, stdin=None).returncode != 0:
-        raise ToolError("scripts/mkrootfs failed (its message is above)")
+    step("making the Debian %s tree (packages: %s; .deb: %s)", args.suite, " ".join(packages), deb.name)
+    mkrootfs.make_tree(tree, suite=args.suite, mirror=args.mirror, security=mkrootfs.DEFAULT_SECURITY,
+                       packages=packages, debs=[deb], cache=mkrootfs.default_cache_dir())
 
 
 def write_file(path: Path, text: str, mode: int = 0o644) -> None:
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help=f"Debian mirror (default: {DEFAULT_MIRROR})")
     parser.add_argument("--size", default=DEFAULT_SIZE, help=f"image size, e.g. 4G (default: {DEFAULT_SIZE}; sparse)")
     parser.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT), help=f"image file (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--deb", type=Path, help="the apppot .deb to install (default: build it with scripts/build-deb)")
+    parser.add_argument("--deb", type=Path, help="the apppot .deb to install (default: build it from this source tree)")
     parser.add_argument("--packages", nargs="+", default=[], metavar="PKG", help="more Debian packages for the image")
     parser.add_argument("--workdir", type=Path, help="where to make the tree (default: next to --output)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each command")

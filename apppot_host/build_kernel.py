@@ -33,15 +33,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apppot_guest.atomicfile import write_atomic  # noqa: E402
-from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, display_path, fs_error  # noqa: E402
-from apppot_guest.proc import run  # noqa: E402
+from apppot_guest.atomicfile import write_atomic
+from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, display_path, fs_error
+from apppot_guest.proc import run
 
 log = logging.getLogger("build-kernel")
 
-PROG = "build-kernel"
+PROG = "apppot-build-kernel"
 CHECKOUT = Path(__file__).resolve().parent.parent
 # The kernel source: the one place its version is pinned.
 SOURCE_PACKAGE = "linux-source-7.3"

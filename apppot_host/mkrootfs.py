@@ -33,10 +33,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error  # noqa: E402
-from apppot_guest.proc import run  # noqa: E402
+from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error
+from apppot_guest.proc import run
 
 log = logging.getLogger("mkrootfs")
 
@@ -273,6 +271,24 @@ def check_target(root: Path) -> None:
         raise fs_error(exc, "create", root) from exc
 
 
+def make_tree(root: Path, *, suite: str, mirror: str, security: str | None, packages: Sequence[str],
+              debs: Sequence[Path], cache: Path | None) -> None:
+    """Check the request, then make the tree ``root`` (missing or empty): mkrootfs's CLI and build-image call this."""
+    if os.geteuid() != 0:
+        raise UsageError("must run as root (debootstrap, chroot and mount need it)")
+    for deb in debs:
+        if not deb.is_file():
+            raise UsageError(f"no such .deb: {deb}")
+    resolved = [d.resolve() for d in debs]
+    for pkg in packages:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*(=[\w.+:~-]+)?", pkg):
+            raise UsageError(f"not a Debian package name: {pkg!r}")
+    spec = Spec(suite, mirror, security, tuple(sorted(set(packages) | deb_dependencies(resolved))))
+    check_target(root)
+    with cache_lock(cache) if cache is not None else contextlib.nullcontext():
+        make_rootfs(root.resolve(), spec, resolved, cache)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -294,22 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if (args.debug or args.verbose) else logging.INFO
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
     try:
-        if os.geteuid() != 0:
-            raise UsageError("must run as root (debootstrap, chroot and mount need it)")
-        for deb in args.debs:
-            if not deb.is_file():
-                raise UsageError(f"no such .deb: {deb}")
-        debs = [d.resolve() for d in args.debs]
-        for pkg in args.packages:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*(=[\w.+:~-]+)?", pkg):
-                raise UsageError(f"not a Debian package name: {pkg!r}")
-        packages = tuple(sorted(set(args.packages) | deb_dependencies(debs)))
         security = None if args.no_updates else args.security_mirror
-        spec = Spec(args.suite, args.mirror, security, packages)
         cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-        check_target(args.dir)
-        with cache_lock(cache) if cache is not None else contextlib.nullcontext():
-            make_rootfs(args.dir.resolve(), spec, debs, cache)
+        make_tree(args.dir, suite=args.suite, mirror=args.mirror, security=security, packages=args.packages,
+                  debs=args.debs, cache=cache)
     except AppPotError as exc:
         if args.debug:
             raise

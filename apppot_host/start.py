@@ -26,15 +26,12 @@ from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apppot_guest import __version__  # noqa: E402
-from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args  # noqa: E402
-from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, fs_error  # noqa: E402
-# scripts/uml_*.py: Python puts this script's directory on sys.path.
-from uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size  # noqa: E402
-from uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir  # noqa: E402
-from uml_launch import EXIT_LAUNCHER, PROG, Disk, Plan, launch  # noqa: E402
+from apppot_guest import __version__
+from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
+from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, fs_error
+from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size
+from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
+from .uml_launch import EXIT_LAUNCHER, PROG, Disk, Plan, launch
 
 log = logging.getLogger("apppot-start")
 

@@ -2,7 +2,7 @@
 
 Each is found as the epilog of ``apppot-start --help`` says, with the reason
 for the choice, so ``apppot-start --check`` can show it.  Imported by
-scripts/apppot-start (same directory).
+apppot_host.start.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from apppot_guest.errors import ConfigError, UsageError, display_path
 
 KERNEL_NAME = "linux"
-# AppPot's own kernels (scripts/build-kernel): the checkout's, then an installed one.
+# AppPot's own kernels (apppot-build-kernel): the checkout's, then an installed one.
 PROJECT_KERNELS = (Path(__file__).resolve().parent.parent / "out" / KERNEL_NAME, Path("/usr/lib/apppot") / KERNEL_NAME)
 VDE_PLUG = "vde_plug"
 SLIRP_PLUGINS = "/usr/lib/*/vdeplug/libvdeplug_slirp.so*"
@@ -38,7 +38,7 @@ def find_kernel(explicit: str | None, image: Path | None) -> tuple[Path, str]:
     found = shutil.which(KERNEL_NAME)
     if found is not None:
         return Path(found), "on PATH"
-    raise UsageError("no UML kernel: build AppPot's with 'make kernel' (scripts/build-kernel), or give --linux PATH")
+    raise UsageError("no UML kernel: build AppPot's with 'make kernel' (apppot-build-kernel), or give --linux PATH")
 
 
 def network_helper() -> Path:

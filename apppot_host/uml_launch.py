@@ -3,7 +3,7 @@
 The exit code comes only from this run's record (``RunDir.read_status``),
 which is then published into the job directory; a launcher stopped by a
 signal writes the record itself (outcome ``stopped``).  Imported by
-scripts/apppot-start (same directory).
+apppot_host.start.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from apppot_guest.errors import AppPotError, display_path, fs_error
 from apppot_guest.status import EXITCODE_FILE as EXITCODE_NAME
 from apppot_guest.status import STATUS_FILE as STATUS_NAME
 from apppot_guest.status import write_status
-from uml_host import VDE_PLUG, uml_tmpdir
-from uml_run import RunDir, lock_image, publish_status, stopped_status
-from uml_vm import Vm
+from .uml_host import VDE_PLUG, uml_tmpdir
+from .uml_run import RunDir, lock_image, publish_status, stopped_status
+from .uml_vm import Vm
 
 log = logging.getLogger("apppot-start")
 

@@ -15,7 +15,7 @@ everything that belongs to this run only:
 The launcher takes its job's exit code from ``RUN/host/run/apppot.status.json``
 and then publishes the record into the job directory atomically, so jobs that
 share a job directory never read each other's record.  Imported by
-scripts/apppot-start (same directory).
+apppot_host.start.
 """
 
 from __future__ import annotations

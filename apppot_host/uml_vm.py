@@ -6,7 +6,7 @@ arrives, CR LF turned into LF and the kernel's power-off lines dropped, and its
 tail is kept for the report when the VM ends without a status.  In interactive
 mode UML gets the terminal and the terminal's settings are restored afterwards.
 UML runs in its own process group, which is killed when it exits (slirp and its
-other helpers share that group).  Imported by scripts/apppot-start (same directory).
+other helpers share that group).  Imported by apppot_host.start.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent
-LAUNCHER = CHECKOUT / "scripts" / "apppot-start"
+LAUNCHER = CHECKOUT / "apppot-start"
 KERNEL = CHECKOUT / "out" / "linux"
 DEBIAN_KERNEL = Path("/usr/bin/linux")
 PYTHON = "/usr/bin/python3"

@@ -22,7 +22,6 @@ run, with peak RSS.  Table between the <!-- snap-scale --> markers.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import os
 import platform
 import re
@@ -33,12 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from apppot_guest.tree import DEFAULT_EXCLUDE, read_patterns
+from apppot_host import mkrootfs
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from apppot_guest.tree import DEFAULT_EXCLUDE, read_patterns  # noqa: E402
-
+# The checkout's packages for this and the commands it runs: `make bench` sets it too.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 PYTHON = "/usr/bin/python3"
+MKROOTFS = [PYTHON, "-m", "apppot_host.mkrootfs"]
+
 PACKAGES = ["build-essential", "gfortran", "autoconf", "automake", "libtool", "git", "subversion"]
 REPEAT = 3
 FORTRAN = """program demo
@@ -51,11 +53,6 @@ FORTRAN = """program demo
   print '(a, f12.8)', 'sum 1/i^2 = ', s
 end program demo
 """
-
-
-def mkrootfs_module():  # type: ignore[no-untyped-def]
-    loader = importlib.machinery.SourceFileLoader("mkrootfs", str(REPO / "scripts/mkrootfs"))
-    return loader.load_module()
 
 
 def timed(argv: list[str], **kw: object) -> tuple[float, int]:
@@ -96,13 +93,12 @@ def tar_incremental(root: Path, snar: Path, out: str, excludes: Path, compress: 
 
 
 def mutate(root: Path) -> None:
-    mk = mkrootfs_module()
     home = root / "home/user"
     home.mkdir(parents=True, exist_ok=True)
     (home / "demo.f90").write_text(FORTRAN)
-    with mk.chroot_session(root):
-        mk.chroot_run(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-numpy"])
-        mk.chroot_run(root, ["gfortran", "-O2", "-o", "/home/user/demo", "/home/user/demo.f90"])
+    with mkrootfs.chroot_session(root):
+        mkrootfs.chroot_run(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-numpy"])
+        mkrootfs.chroot_run(root, ["gfortran", "-O2", "-o", "/home/user/demo", "/home/user/demo.f90"])
     for doc in (root / "usr/share/doc").glob("gfortran*"):
         shutil.rmtree(doc) if doc.is_dir() and not doc.is_symlink() else doc.unlink()
 
@@ -145,7 +141,7 @@ def main() -> int:
     try:
         root = work / "root"
         print("bench: building the reference tree (cached under ~/.cache/apppot)", file=sys.stderr)
-        subprocess.run([str(REPO / "scripts/mkrootfs"), str(root), "--packages", *PACKAGES], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*MKROOTFS, str(root), "--packages", *PACKAGES], check=True, stdout=subprocess.DEVNULL, env=CHECKOUT_ENV)
         entries = sum(len(d) + len(f) for _, d, f in os.walk(root))
         size = int(subprocess.run(["du", "-sm", str(root)], capture_output=True, text=True).stdout.split()[0])
         excludes = tar_excludes(work)
@@ -192,7 +188,7 @@ def main() -> int:
 
         pristine = work / "pristine"
         shutil.rmtree(root)
-        subprocess.run([str(REPO / "scripts/mkrootfs"), str(pristine), "--packages", *PACKAGES], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*MKROOTFS, str(pristine), "--packages", *PACKAGES], check=True, stdout=subprocess.DEVNULL, env=CHECKOUT_ENV)
         subprocess.run(snap(pristine, "base"), check=True, env=env, stdout=subprocess.DEVNULL)
         merge_t, _ = timed(snap(pristine, "--force", "merge", str(work / "delta.tar.zst")), env=env)
         rows.append(("merge of the default delta (boot path)", f"{merge_t:.2f} s", "-", "-"))

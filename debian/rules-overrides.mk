@@ -1,4 +1,4 @@
-# Appended by scripts/build-deb to the debian/rules that stdeb generates: the
+# Appended by apppot_host/build_deb.py to the debian/rules that stdeb generates: the
 # parts of the apppot package that stdeb has no option for.
 
 # The test suite runs from the checkout (tests/), not inside the package build.

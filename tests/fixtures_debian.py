@@ -1,18 +1,16 @@
 """The apppot .deb and real debootstrapped Debian 12 trees, made once per session.
 
-``apppot_deb`` is built from this checkout by scripts/build-deb (stdeb);
+``apppot_deb`` is built from this checkout by apppot_host.build_deb (stdeb);
 ``apppot_deb_next`` from a temporary copy with the version's last number bumped.
 ``prepared_tree`` is minbase + systemd-sysv + apppot's dependencies from Debian
 (no apppot, a fresh one per test), ``installed_tree`` the same with the .deb
-installed by ``scripts/mkrootfs --debs`` (the image builder's path, once per
+installed by ``mkrootfs --debs`` (the image builder's path, once per
 session).  Both come from mkrootfs's cache under ~/.cache/apppot after the
 first run.  Tests that change the installed tree work on ``tree_copy(...)``.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import re
 import shutil
@@ -24,35 +22,27 @@ from types import ModuleType
 
 import pytest
 
+from apppot_host import mkrootfs
+
 CHECKOUT = Path(__file__).resolve().parent.parent
-SCRIPTS = CHECKOUT / "scripts"
 PYTHON = "/usr/bin/python3"
-# What scripts/build-image asks mkrootfs for besides the .deb (its BASE_PACKAGES;
+# What apppot-build-image asks mkrootfs for besides the .deb (its BASE_PACKAGES;
 # test_deb checks they agree): the same package set means the same cached tree,
 # so the image and these tests pay for one cold tree.  minbase has no init system.
 IMAGE_PACKAGES = ("systemd-sysv", "build-essential", "iproute2")
-# What scripts/build-deb reads from a source tree.
+# What build_deb reads from a source tree.
 SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "usr", "debian")
 
 
-def load_script(name: str) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), os.fspath(SCRIPTS / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # dataclasses look their module up there
-    loader.exec_module(module)
-    return module
-
-
-mkrootfs = load_script("mkrootfs")
-
-
-def run_script(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    """Run one of our scripts with Debian's python; fail the test with its stderr if it fails."""
-    args = [PYTHON, *map(os.fspath, argv)]
-    result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+def host_tool(module: str, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python3 -m apppot_host.<module> ARGS`` from this checkout with Debian's python; unless ``check`` is
+    false, fail the test with its stderr if it fails."""
+    argv = [PYTHON, "-m", f"apppot_host.{module}", *map(os.fspath, args)]
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": os.fspath(CHECKOUT)})
+    if not check:
+        return result
+    assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-4000:]}"
     return result
 
 
@@ -81,7 +71,7 @@ def source_version(source: Path = CHECKOUT) -> str:
 
 
 def build_deb(source: Path, out: Path) -> Path:
-    deb = Path(run_script(SCRIPTS / "build-deb", "--source", source, "--out", out).stdout.strip())
+    deb = Path(host_tool("build_deb", "--source", source, "--out", out).stdout.strip())
     assert deb.is_file(), deb
     return deb
 
@@ -108,7 +98,7 @@ def apppot_deb_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _make_tree(path: Path, *mkrootfs_args: str | os.PathLike[str]) -> Path:
-    run_script(SCRIPTS / "mkrootfs", path, *mkrootfs_args)
+    host_tool("mkrootfs", path, *mkrootfs_args)
     return path
 
 

@@ -1,4 +1,4 @@
-"""An AppPot image built by scripts/build-image, and a non-root user who boots it in UML.
+"""An AppPot image built by apppot-build-image, and a non-root user who boots it in UML.
 
 ``apppot_image`` is built once per session from the ``apppot_deb`` of this
 checkout and cached under ~/.cache/apppot/images, keyed by the package's
@@ -6,7 +6,7 @@ contents (not its build timestamps) and by build-image itself, so a change to
 either rebuilds it and an unchanged checkout reuses it.  Tests see it as a
 root-owned, read-only file in a directory the test user can reach, as a
 shared base image is on a cluster.  ``uml_user`` is a temporary account;
-``start_job`` runs scripts/apppot-start as that account; it boots AppPot's
+``start_job`` runs ./apppot-start as that account; it boots AppPot's
 own kernel (``uml_kernel``), which apppot-start finds in the checkout's out/.
 """
 
@@ -30,8 +30,7 @@ from apppot_guest.account import Account
 from fixtures_user import temporary_user
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-SCRIPTS = CHECKOUT / "scripts"
-LAUNCHER = SCRIPTS / "apppot-start"
+LAUNCHER = CHECKOUT / "apppot-start"  # the checkout's shim, as a user runs it
 PYTHON = "/usr/bin/python3"
 IMAGE_SIZE = "3G"  # sparse: the tree is about 0.8 GB, the rest is room for a user's installs
 JOB_TIMEOUT = 300  # seconds: no single boot in these tests comes near it
@@ -58,15 +57,15 @@ def deb_content_key(deb: Path) -> str:
                 extracted = tar.extractfile(member)
                 assert extracted is not None
                 digest.update(extracted.read())
-    for script in ("build-image", "mkrootfs"):
-        digest.update((SCRIPTS / script).read_bytes())
+    for module in ("build_image", "mkrootfs"):
+        digest.update((CHECKOUT / "apppot_host" / f"{module}.py").read_bytes())
     return digest.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
 def uml_kernel() -> Path:
-    """AppPot's static kernel, built by scripts/build-kernel (cached) into out/linux, where apppot-start finds it."""
-    result = subprocess.run([PYTHON, SCRIPTS / "build-kernel"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+    """AppPot's static kernel, built by apppot-build-kernel (cached) into out/linux, where apppot-start finds it."""
+    result = subprocess.run([PYTHON, CHECKOUT / "apppot-build-kernel"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, f"build-kernel failed:\n{result.stderr[-4000:]}"
     kernel = Path(result.stdout.strip())
@@ -87,7 +86,7 @@ def cached_image(deb: Path, suite: str, uml_home: Path, name: str) -> Path:
         if not cached.is_file():
             evict_old_images(images, suite)
             result = subprocess.run(
-                [PYTHON, SCRIPTS / "build-image", "--suite", suite, "--deb", deb, "--size", IMAGE_SIZE, "--output", cached],
+                [PYTHON, CHECKOUT / "apppot-build-image", "--suite", suite, "--deb", deb, "--size", IMAGE_SIZE, "--output", cached],
                 stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
             )
             assert result.returncode == 0, f"build-image --suite {suite} failed:\n{result.stderr[-4000:]}"

@@ -16,16 +16,15 @@ from fixtures_debian import (
     CHECKOUT,
     IMAGE_PACKAGES,
     PYTHON,
-    SCRIPTS,
     bump_version,
     in_tree,
-    load_script,
     mkrootfs,
-    run_script,
+    host_tool,
     source_version,
 )
 
 from apppot_guest.account import read_defaults
+from apppot_host import build_image
 
 VERSION = source_version()
 DEB_VERSION = f"{VERSION}-1"
@@ -104,7 +103,7 @@ def test_defaults_conffile_names_the_account_postinst_creates() -> None:
 
 
 def test_tests_use_the_image_builders_package_set() -> None:
-    assert tuple(load_script("build-image").BASE_PACKAGES) == IMAGE_PACKAGES
+    assert tuple(build_image.BASE_PACKAGES) == IMAGE_PACKAGES
 
 
 # --- the .deb itself ------------------------------------------------------------------
@@ -325,7 +324,7 @@ def test_snap_base_changes_merge_in_the_tree(installed_tree: Path, tree_copy: Ca
 @pytest.mark.integration
 def test_upgrade_from_the_local_repository(prepared_tree: Path, apppot_deb: Path, apppot_deb_next: Path) -> None:
     root = prepared_tree
-    run_script(SCRIPTS / "apt-repo", root / REPO_IN_TREE.lstrip("/"), apppot_deb, apppot_deb_next)
+    host_tool("apt_repo", root / REPO_IN_TREE.lstrip("/"), apppot_deb, apppot_deb_next)
     (root / "etc/apt/sources.list.d/apppot.list").write_text(f"deb [trusted=yes] file:{REPO_IN_TREE} ./\n")
     with mkrootfs.chroot_session(root):
         in_tree(root, *APT, *LOCAL_ONLY, "update")
@@ -389,8 +388,7 @@ def test_purge_leaves_no_apppot_files_and_keeps_the_home(installed_tree: Path, t
 
 
 def _script(name: str, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["/usr/bin/python3", SCRIPTS / name, *map(os.fspath, args)],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    return host_tool(name.replace("-", "_"), *args, check=False)
 
 
 def test_mkrootfs_refuses_a_non_empty_target(tmp_path: Path) -> None:

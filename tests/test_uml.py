@@ -1,5 +1,5 @@
-"""End to end in real User-Mode Linux: an image from scripts/build-image, booted by
-scripts/apppot-start run as an unprivileged host user, with a real systemd boot."""
+"""End to end in real User-Mode Linux: an image from apppot-build-image, booted by
+./apppot-start run as an unprivileged host user, with a real systemd boot."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from apppot_guest.account import Account
-from fixtures_debian import run_script
-from fixtures_uml import JOB_TIMEOUT, LAUNCHER, PYTHON, SCRIPTS, as_user
+from fixtures_debian import host_tool
+from fixtures_uml import JOB_TIMEOUT, LAUNCHER, PYTHON, as_user
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ def test_apt_get_upgrade_apppot_in_a_booted_desktop_image(
     os.chown(desktop, uml_user.uid, uml_user.gid)
     desktop.chmod(0o644)
     repo = uml_jobdir / "repo"
-    run_script(SCRIPTS / "apt-repo", repo, apppot_deb_next)
+    host_tool("apt_repo", repo, apppot_deb_next)
     subprocess.run(["chown", "-R", f"{uml_user.uid}:{uml_user.gid}", repo], check=True)
     new_version = subprocess.run(["dpkg-deb", "--field", apppot_deb_next, "Version"], capture_output=True, text=True,
                                  check=True).stdout.strip()

@@ -1,10 +1,9 @@
-"""AppPot's own UML kernel (scripts/build-kernel): static, found by apppot-start, checked by --check,
+"""AppPot's own UML kernel (apppot-build-kernel): static, found by apppot-start, checked by --check,
 and the host problems the launcher routes around or names (noexec temporary directories, kernels
 that cannot run on this CPU).  Real boots, as an unprivileged user unless a test needs root."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from apppot_guest.account import Account
+from apppot_host import uml_vm
 from fixtures_uml import CHECKOUT, LAUNCHER, PYTHON, as_user
 
 pytestmark = pytest.mark.integration
@@ -135,10 +135,6 @@ def test_a_kernel_that_cannot_run_on_this_cpu_is_named(uml_user: Account, apppot
 
 def test_known_deaths_are_recognised_in_the_kernels_own_words() -> None:
     """The lines UML 6.1 prints on an AMX host and UML 7.3 prints for a noexec TMPDIR (seen on real hosts)."""
-    spec = importlib.util.spec_from_file_location("uml_vm", CHECKOUT / "scripts" / "uml_vm.py")
-    assert spec is not None and spec.loader is not None
-    uml_vm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(uml_vm)
     assert "Intel AMX" in uml_vm.diagnose(b"userspace - ptrace set fp regs failed, errno = 14")
     assert "noexec" in uml_vm.diagnose(b"/dev/shm must be not mounted noexec")
     assert uml_vm.diagnose(b"Kernel panic - not syncing: VFS: Unable to mount root fs") is None

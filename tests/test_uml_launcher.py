@@ -1,4 +1,4 @@
-"""scripts/apppot-start without booting: the UML command it would run (--dry-run) and its errors."""
+"""apppot-start without booting: the UML command it would run (--dry-run) and its errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from apppot_guest.cmdline import parse_cmdline
 
-LAUNCHER = Path(__file__).resolve().parent.parent / "scripts" / "apppot-start"
+LAUNCHER = Path(__file__).resolve().parent.parent / "apppot-start"
 PYTHON = "/usr/bin/python3"
 NASTY_ARGV = ["printf", "%s\n", "two words", "quote\"s", "it's", "$HOME", "", "ünïcödé", "back\\slash", "new\nline"]
 

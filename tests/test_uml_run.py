@@ -1,4 +1,4 @@
-"""scripts/uml_run.py without booting: units as people write them, the disk locks, the stopped record."""
+"""apppot_host.uml_run without booting: units as people write them, the disk locks, the stopped record."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 
 from apppot_guest.errors import UsageError
 from apppot_guest.status import FIELDS
-from fixtures_debian import load_script
+from apppot_host import uml_launch, uml_run, uml_vm
 
-uml_run = load_script("uml_run.py")
 PYTHON = "/usr/bin/python3"
 
 
@@ -134,15 +133,12 @@ def test_paths_uml_cannot_take_go_through_links_and_others_do_not(tmp_path: Path
 )
 def test_a_merge_failure_names_the_delta_as_given_with_a_hint_that_exists(
         monkeypatch: pytest.MonkeyPatch, error: str, said: str) -> None:
-    monkeypatch.syspath_prepend(os.fspath(Path(uml_run.__file__).parent))  # as apppot-start imports its modules
-    uml_launch = load_script("uml_launch.py")
     monkeypatch.setenv("HOME", "/nonexistent-home")
     assert uml_launch.guest_error(error, "~/deltas/my delta, v2.tar.zst") == said
 
 
 def test_an_older_apppot_init_is_recognised_on_the_console() -> None:
     """Its record is then in the job directory: apppot-start reads it there and says why that is weaker."""
-    uml_vm = load_script("uml_vm.py")
     read, write = os.pipe()
     try:
         console = uml_vm.ConsoleFilter(write)
