@@ -29,10 +29,11 @@ bench-scale: deps
 clean:
 	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis
 
-# The apppot Debian package (stdeb): out/apppot_<version>-1_all.deb (docs/package.md).
+# The Debian packages (stdeb, docs/package.md): the guest's out/apppot_<version>-1_all.deb and the
+# host's out/apppot-host_<version>-1_<arch>.deb (launcher, image builder, AppPot's kernel, the guest package).
 .PHONY: deb
-deb: deps
-	$(PY) -m apppot_host.build_deb
+deb: deps kernel
+	$(PY) -m apppot_host.build_deb --host
 
 # AppPot's static UML kernel: out/linux (apppot-build-kernel; cached under
 # ~/.cache/apppot/kernel, so this is quick once built).

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Put .deb files into a flat local apt repository and (re)write its index.
 
     apt-repo DIR [FILE.deb ...]

@@ -1,24 +1,29 @@
-#!/usr/bin/python3
-"""Build the `apppot` Debian package from setup.py with Debian's stdeb.
+"""Build AppPot's Debian packages with Debian's stdeb: `apppot` (the guest) and, with --host, `apppot-host`.
 
-The source (setup.py, stdeb.cfg, apppot_guest/, etc/, debian/) is
+The guest's source (setup.py, stdeb.cfg, apppot_guest/, etc/, usr/, debian/) is
 copied to a staging directory; stdeb's `debianize` writes the generated
 debian/ files (control, rules, changelog) next to our own maintainer scripts,
 unit and init script there; debian/rules-overrides.mk is appended to the rules;
 dpkg-buildpackage makes the binary package, which is copied to the output
-directory.  Prints the path of the .deb on stdout.  See docs/package.md.
+directory.  The host package is staged the same way from host/ (its setup.py,
+stdeb.cfg and debian/), apppot_host/ and apppot_guest/, AppPot's kernel and
+the guest package just built; it is architecture-dependent (the kernel).
+Both get the one version of apppot_guest/__init__.py.  Prints the path of
+each .deb on stdout, the guest's first.  See docs/package.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, fs_error
@@ -30,6 +35,9 @@ PROG = "build-deb"
 PYTHON = "/usr/bin/python3"
 # What goes into the staging copy: everything setup.py and the Debian build read.
 SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "usr", "debian")
+# The host package's: (in the source tree, in the staging copy).
+HOST_ITEMS = (("host/setup.py", "setup.py"), ("host/stdeb.cfg", "stdeb.cfg"), ("host/debian", "debian"),
+              ("apppot_host", "apppot_host"), ("apppot_guest", "apppot_guest"))
 # Written by the boot-hook owners; the package cannot be built without them.
 REQUIRED_DEBIAN = ("debian/apppot.service", "debian/apppot.init")
 # The conffile must be the very list apppot-snap falls back to.
@@ -59,12 +67,22 @@ def check_source(source: Path) -> None:
         raise ConfigError(f"{conffile} differs from {canonical}: copy {EXCLUDE_PAIR[0]} to {EXCLUDE_PAIR[1]}")
 
 
-def stage(source: Path, staging: Path) -> None:
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """One binary package: what is staged where, and the .deb dpkg-buildpackage makes of it."""
+
+    package: str
+    items: tuple[tuple[Path, str], ...]  # (absolute source path, path in the staging copy)
+    architecture_any: bool = False  # stdeb writes "all"; a package with a binary in it is "any"
+
+
+def stage(items: tuple[tuple[Path, str], ...], staging: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     staging.mkdir(parents=True)
-    for rel in SOURCE_ITEMS:
-        src, dst = source / rel, staging / rel
+    for src, rel in items:
+        dst = staging / rel
         try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             if src.is_dir():
                 shutil.copytree(src, dst, symlinks=True, ignore=ignore)
             else:
@@ -74,22 +92,46 @@ def stage(source: Path, staging: Path) -> None:
 
 
 def build(source: Path, out_dir: Path, *, keep: bool, verbose: bool) -> Path:
+    """The guest package, apppot."""
     check_source(source)
-    version = source_version(source)
-    work = Path(tempfile.mkdtemp(prefix="apppot-deb-"))
-    staging = work / f"apppot-{version}"
-    log_path = out_dir / f"apppot_{version}.build.log"
+    recipe = Recipe("apppot", tuple((source / rel, rel) for rel in SOURCE_ITEMS))
+    return build_package(recipe, source_version(source), out_dir, keep=keep, verbose=verbose)
+
+
+def build_host(source: Path, out_dir: Path, guest_deb: Path, kernel: Path, *, keep: bool, verbose: bool) -> Path:
+    """The host package, apppot-host, with the guest package ``guest_deb`` and the UML kernel ``kernel`` in it."""
+    for rel, _ in HOST_ITEMS:
+        if not (source / rel).exists():
+            raise ConfigError(f"missing {source / rel}")
+    check_kernel(kernel)
+    items = (*((source / rel, dst) for rel, dst in HOST_ITEMS), (kernel, "linux"), (guest_deb, f"guest/{guest_deb.name}"))
+    return build_package(Recipe("apppot-host", items, architecture_any=True), source_version(source), out_dir,
+                         keep=keep, verbose=verbose)
+
+
+def check_kernel(kernel: Path) -> None:
+    if not (kernel.is_file() and os.access(kernel, os.X_OK)):
+        raise UsageError(f"no UML kernel at {kernel}: build it first (make kernel), or give --kernel PATH")
+
+
+def build_package(recipe: Recipe, version: str, out_dir: Path, *, keep: bool, verbose: bool) -> Path:
+    work = Path(tempfile.mkdtemp(prefix=f"{recipe.package}-deb-"))
+    staging = work / f"{recipe.package}-{version}"
+    log_path = out_dir / f"{recipe.package}_{version}.build.log"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stage(source, staging)
+        stage(recipe.items, staging)
         with log_path.open("wb") as log_file:
             debianize = [PYTHON, "setup.py", "--command-packages=stdeb.command", "debianize", "--compat", "13"]
             run_logged(debianize, staging, log_file, log_path, verbose=verbose)
+            if recipe.architecture_any:
+                control = staging / "debian" / "control"
+                control.write_text(re.sub(r"(?m)^Architecture: all$", "Architecture: any", control.read_text()))
             append_rules(staging)
             run_logged(["dpkg-buildpackage", "-b", "--no-sign"], staging, log_file, log_path, verbose=verbose)
-        debs = sorted(work.glob("apppot_*_all.deb"))
+        debs = sorted(work.glob(f"{recipe.package}_*.deb"))
         if len(debs) != 1:
-            raise ToolError(f"dpkg-buildpackage made {len(debs)} apppot .deb files in {work}, expected 1")
+            raise ToolError(f"dpkg-buildpackage made {len(debs)} {recipe.package} .deb files in {work}, expected 1")
         target = out_dir / debs[0].name
         shutil.copy2(debs[0], target)
         return target
@@ -127,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=repo, help="source tree to build (default: this checkout)")
     parser.add_argument("--out", type=Path, default=repo / "out", help="where the .deb goes (default: out/)")
+    parser.add_argument("--host", action="store_true", help="also build apppot-host (needs the kernel: make kernel)")
+    parser.add_argument("--kernel", type=Path, default=repo / "out" / "linux",
+                        help="the UML kernel apppot-host ships (default: out/linux)")
     parser.add_argument("--keep", action="store_true", help="keep the staging directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the build output")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
@@ -135,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.source.is_dir():
             raise UsageError(f"source tree {args.source} is not a directory")
-        deb = build(args.source.resolve(), args.out.resolve(), keep=args.keep, verbose=args.verbose)
+        if args.host:
+            check_kernel(args.kernel)
+        debs = [build(args.source.resolve(), args.out.resolve(), keep=args.keep, verbose=args.verbose)]
+        if args.host:
+            debs.append(build_host(args.source.resolve(), args.out.resolve(), debs[0], args.kernel.resolve(),
+                                   keep=args.keep, verbose=args.verbose))
     except AppPotError as exc:
         if args.debug:
             raise
@@ -144,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
-    print(deb)
+    for deb in debs:
+        print(deb)
     return 0
 
 

@@ -1,7 +1,6 @@
-#!/usr/bin/python3
 """Build an AppPot image: a sparse raw ext4 image of Debian with the apppot package, ready for UML.
 
-    build-image [--suite trixie|bookworm] [--mirror URL] [--size 4G] [--output apppot.img] [--deb FILE.deb]
+    apppot-build-image [--suite trixie|bookworm] [--mirror URL] [--size 4G] [--output apppot.img] [--deb FILE.deb]
 
 Runs as root (mkrootfs needs debootstrap and chroot).  The steps, each
 announced on stderr:
@@ -38,6 +37,7 @@ log = logging.getLogger("build-image")
 
 PROG = "apppot-build-image"
 CHECKOUT = Path(__file__).resolve().parent.parent  # build_deb's default source tree
+INSTALLED_DEBS = Path("/usr/share/apppot")  # where apppot-host puts the guest package
 # Debian 13 (trixie): Debian's stable release since August 2025, with Python 3.13
 # and GCC 14; Debian 12 (bookworm) images keep working (--suite bookworm) and
 # get the same apppot package.
@@ -60,11 +60,16 @@ def step(message: str, *args: object) -> None:
     log.info(message, *args)
 
 
-def build_deb() -> Path:
-    if not (CHECKOUT / "setup.py").is_file():
-        raise UsageError("no --deb and no AppPot source tree to build the apppot package from: give --deb FILE.deb")
-    step("building the apppot package from %s", CHECKOUT)
-    return build_deb_from(CHECKOUT, CHECKOUT / "out", keep=False, verbose=False)
+def default_deb() -> Path:
+    """The apppot package: built now from the source tree this runs from, else the one apppot-host ships."""
+    if (CHECKOUT / "setup.py").is_file():
+        step("building the apppot package from %s", CHECKOUT)
+        return build_deb_from(CHECKOUT, CHECKOUT / "out", keep=False, verbose=False)
+    shipped = sorted(INSTALLED_DEBS.glob("apppot_*_all.deb"))
+    if len(shipped) != 1:
+        raise UsageError(f"no --deb, no AppPot source tree and {len(shipped)} apppot packages in {INSTALLED_DEBS} "
+                         "(apppot-host ships one): give --deb FILE.deb")
+    return shipped[0]
 
 
 def make_tree(tree: Path, args: argparse.Namespace, deb: Path) -> None:
@@ -137,7 +142,7 @@ def write_image(tree: Path, output: Path, size: str) -> None:
     step("done: %s (%d MiB used on disk)", output, used)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Build an AppPot image (sparse raw ext4) for User-Mode Linux. Run as root.",
@@ -146,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help=f"Debian mirror (default: {DEFAULT_MIRROR})")
     parser.add_argument("--size", default=DEFAULT_SIZE, help=f"image size, e.g. 4G (default: {DEFAULT_SIZE}; sparse)")
     parser.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT), help=f"image file (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--deb", type=Path, help="the apppot .deb to install (default: build it from this source tree)")
+    parser.add_argument("--deb", type=Path, help="the apppot .deb to install (default: build it from this source tree, or the one apppot-host installed in "
+                        f"{INSTALLED_DEBS})")
     parser.add_argument("--packages", nargs="+", default=[], metavar="PKG", help="more Debian packages for the image")
     parser.add_argument("--workdir", type=Path, help="where to make the tree (default: next to --output)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each command")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=f"{PROG}: %(message)s")
     tree_parent: Path | None = None
     try:
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--output {output}: directory {output.parent} does not exist")
         if args.deb is not None and not args.deb.is_file():
             raise UsageError(f"--deb {args.deb}: no such file")
-        deb = args.deb.resolve() if args.deb is not None else build_deb()
+        deb = args.deb.resolve() if args.deb is not None else default_deb()
         workdir = (args.workdir or output.parent).resolve()
         try:
             tree_parent = Path(tempfile.mkdtemp(prefix=".build-image-", dir=workdir))

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Build AppPot's statically linked User-Mode Linux kernel from Debian's kernel source.
 
     build-kernel [--output out/linux] [--jobs N] [--force]
@@ -48,6 +47,11 @@ SOURCE_APT_LINE = "deb http://deb.debian.org/debian trixie-backports main"
 FRAGMENT = CHECKOUT / "kernel" / "apppot.config"
 PATCH = CHECKOUT / "kernel" / "static-vector.patch"
 DEFAULT_OUTPUT = CHECKOUT / "out" / "linux"
+# The build recipe's version: bump it when the way the kernel is configured or
+# built changes (make targets, flags, how the fragment or the patch is applied).
+# It keys the cache with the source version, the fragment and the patch, so
+# that editing this file's messages or structure does not cost a rebuild.
+RECIPE = "1"
 CONFIG_LINE = re.compile(r"(CONFIG_[A-Z0-9_]+)=(.*)")
 
 
@@ -56,9 +60,9 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(source_version: str) -> str:
-    """What the cached kernel depends on: the source version and this checkout's build inputs."""
-    digest = hashlib.sha256(source_version.encode())
-    for path in (FRAGMENT, PATCH, Path(__file__).resolve()):
+    """What the cached kernel depends on: the recipe, the source version, the fragment and the patch."""
+    digest = hashlib.sha256(f"{RECIPE}\0{source_version}".encode())
+    for path in (FRAGMENT, PATCH):
         try:
             digest.update(b"\0" + path.read_bytes())
         except OSError as exc:

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Make a Debian root tree for an AppPot image: debootstrap, packages, local .debs.
 
     mkrootfs DIR [--suite bookworm] [--mirror URL] [--packages P ...] [--debs FILE.deb ...]

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Run a command, or an interactive session, in an AppPot image under User-Mode Linux.
 
     apppot-start [OPTIONS] [--] [PROG ARGS...]

@@ -443,3 +443,10 @@ def test_apt_repo_rejects_what_is_not_a_package(tmp_path: Path) -> None:
     assert not (tmp_path / "repo" / "fake.deb").exists()
     result = _script("apt-repo", tmp_path / "repo", tmp_path / "missing.deb")
     assert (result.returncode, result.stderr) == (2, f"apt-repo: error: not a .deb file: {tmp_path / 'missing.deb'}\n")
+
+
+def test_build_deb_host_refuses_a_missing_kernel_before_building_anything(tmp_path: Path) -> None:
+    result = _script("build-deb", "--host", "--kernel", tmp_path / "linux", "--out", tmp_path / "out")
+    assert (result.returncode, result.stderr) == (
+        2, f"build-deb: error: no UML kernel at {tmp_path / 'linux'}: build it first (make kernel), or give --kernel PATH\n")
+    assert not (tmp_path / "out").exists(), "nothing is built or half-written"
