@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .hashing import Digest
-from .manifest import BaseRecords, Entry, Kind, parse_record, same_mtime
+from .manifest import KEY_MTIME, KEY_SIZE, BaseRecords, Entry, Kind, parse_record, same_mtime
 from .tree import Excluder, Item
 from .workers import Workers
 
@@ -126,13 +126,13 @@ def compare(
             continue
         if digest is not None:
             key = with_read_metadata(key, digest)
-            hashed += digest[1]
+            hashed += digest.size
             if progress:
                 progress(0, hashed)
         if record is None:
             changes.append(Change(Status.ADDED, path))
             if for_delta:
-                new = parse_record(path, key + b"\t" + (digest[0] if digest else "").encode())
+                new = parse_record(path, key + b"\t" + (digest.sha256 if digest else "").encode())
                 creates.append((Op.CREATE, new))
                 if is_sparse and new.kind is Kind.FILE:
                     sparse.add(path)
@@ -157,8 +157,8 @@ def _is_plain_file(key: bytes) -> bool:
 
 
 def _fields(key: bytes) -> tuple[bytes, int, int]:
-    kind, _, _, _, size, mtime = key.split(b"\t", 6)[:6]
-    return kind, int(size), int(mtime)
+    fields = key.split(b"\t", KEY_MTIME + 1)
+    return fields[0], int(fields[KEY_SIZE]), int(fields[KEY_MTIME])
 
 
 def _to_hash(found: _Found, checksum: bool, for_delta: bool) -> tuple[bytes, int, bool] | None:
@@ -183,7 +183,7 @@ def _to_hash(found: _Found, checksum: bool, for_delta: bool) -> tuple[bytes, int
 def _digest_for(old: Entry, key: bytes, digest: Digest | None) -> str:
     """The hash the current entry is described with: read, kept from the base, or unknown ("?")."""
     if digest is not None:
-        return digest[0]
+        return digest.sha256
     if key[:1] != b"f":
         return ""
     if old.kind is Kind.FILE and old.size == _fields(key)[1]:
@@ -194,8 +194,8 @@ def _digest_for(old: Entry, key: bytes, digest: Digest | None) -> str:
 def with_read_metadata(key: bytes, digest: Digest) -> bytes:
     """``key`` with the size and mtime the file had while it was hashed (a hash always goes with those)."""
     fields = key.split(b"\t")
-    _, size, mtime_ns = digest
-    if (fields[4], fields[5]) != (b"%d" % size, b"%d" % mtime_ns):
-        fields[4:6] = [b"%d" % size, b"%d" % mtime_ns]
+    read = [b"%d" % digest.size, b"%d" % digest.mtime_ns]
+    if fields[KEY_SIZE:KEY_MTIME + 1] != read:
+        fields[KEY_SIZE:KEY_MTIME + 1] = read
         return b"\t".join(fields)
     return key

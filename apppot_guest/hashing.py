@@ -10,12 +10,18 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from .errors import FsError, fs_error
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
-Digest = tuple[str, int, int]  # sha256, and the size and mtime the file had all the while it was read
+class Digest(NamedTuple):
+    """A file's hash, and the size and mtime the file had all the while it was read."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -101,7 +107,7 @@ def hash_file(full: bytes, sparse: bool) -> Digest:
             digest = hash_fd(fd, sparse)
             after = os.fstat(fd)
             if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns):
-                return digest, after.st_size, after.st_mtime_ns
+                return Digest(digest, after.st_size, after.st_mtime_ns)
         raise FsError(f"cannot record {os.fsdecode(full)}: it kept changing while it was read; run again when it is quiet")
     except FsError:
         raise

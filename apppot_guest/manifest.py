@@ -155,6 +155,11 @@ def format_key(
     )
 
 
+# Where the size and the mtime stand among a key's tab-separated fields (kind, mode, uid, gid, size, mtime, ...):
+# the fields format_key writes, for code that reads a key without parsing all of it.
+KEY_SIZE, KEY_MTIME = 4, 5
+
+
 def format_entry(e: Entry) -> bytes:
     key = format_key(e.kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.target, e.rdev, e.xattrs, e.link)
     return escape(e.path) + b"\t" + key + b"\t" + e.digest.encode()

@@ -23,7 +23,7 @@ from . import faults
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare, with_read_metadata
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line
-from .manifest import BaseRecords, BaseWriter, base_path, read_records
+from .manifest import KEY_SIZE, BaseRecords, BaseWriter, base_path, read_records
 from .state import RootLock, recover, remove_leftover
 from .tree import Excluder, Item, walk
 from .workers import Workers
@@ -104,7 +104,7 @@ def scan_and_compare(args: argparse.Namespace, for_delta: bool, exclude: Exclude
 
 def _file_of(item: Item) -> tuple[bytes, int, bool] | None:
     path, key, sparse = item
-    return (path, int(key.split(b"\t", 5)[4]), sparse) if key[:1] == b"f" else None
+    return (path, int(key.split(b"\t", KEY_SIZE + 1)[KEY_SIZE]), sparse) if key[:1] == b"f" else None
 
 
 def cmd_base(args: argparse.Namespace) -> int:
@@ -119,8 +119,8 @@ def cmd_base(args: argparse.Namespace) -> int:
                 if digest is None:
                     writer.add(path, key + b"\t")
                 else:
-                    writer.add(path, with_read_metadata(key, digest) + b"\t" + digest[0].encode())
-                    nbytes += digest[1]
+                    writer.add(path, with_read_metadata(key, digest) + b"\t" + digest.sha256.encode())
+                    nbytes += digest.size
                 entries += 1
                 if entries == 1 or not entries & 1023:
                     progress(entries, nbytes)

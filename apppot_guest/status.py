@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,31 +26,9 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "apppot.status.json"
 EXITCODE_FILE = "apppot.exitcode"
 
-FIELDS = (
-    "exit_code",
-    "signal",
-    "outcome",
-    "error",
-    "command",
-    "cwd",
-    "user",
-    "uid",
-    "gid",
-    "started_at",
-    "finished_at",
-    "wall_seconds",
-    "cpu_user_seconds",
-    "cpu_system_seconds",
-    "max_rss_kib",
-    "oom_killed",
-    "network",
-    "apppot_version",
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Status:
-    """What the job directory is told about the job (see FIELDS for the JSON keys)."""
+    """What the job directory is told about the job: its fields are the record's JSON keys, in this order."""
 
     exit_code: int
     signal: int | None
@@ -72,26 +50,14 @@ class Status:
     apppot_version: str = __version__
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "outcome": str(self.outcome),
-            "error": self.error,
-            "command": list(self.command) if self.command is not None else None,
-            "cwd": self.cwd,
-            "user": self.user,
-            "uid": self.uid,
-            "gid": self.gid,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "wall_seconds": self.wall_seconds,
-            "cpu_user_seconds": self.cpu_user_seconds,
-            "cpu_system_seconds": self.cpu_system_seconds,
-            "max_rss_kib": self.max_rss_kib,
-            "oom_killed": self.oom_killed,
-            "network": list(self.network),
-            "apppot_version": self.apppot_version,
-        }
+        data: dict[str, object] = {name: getattr(self, name) for name in FIELDS}
+        data.update(outcome=str(self.outcome), command=list(self.command) if self.command is not None else None,
+                    started_at=_iso(self.started_at), finished_at=_iso(self.finished_at), network=list(self.network))
+        return data
+
+
+# The record's keys: declared once, by the dataclass above.
+FIELDS: tuple[str, ...] = tuple(field.name for field in fields(Status))
 
 
 def _iso(moment: datetime) -> str:
@@ -116,18 +82,33 @@ def write_status(jobdir: Path, status: Status) -> Path:
     return jobdir / STATUS_FILE
 
 
+def parse_status(raw: bytes, path: Path, *, complete: bool = True) -> dict[str, object]:
+    """The one reader of a record: its bytes (read from ``path``) as its fields.
+
+    A record always has an integer ``exit_code``; with ``complete`` it has every
+    field of ``Status``.  The launcher asks for the exit code only, so that an
+    image with an older boot hook still gets its job's exit code through.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise FsError(f"{path}: not a status record: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("exit_code"), int):
+        raise FsError(f"{path}: not a status record (no integer exit_code)")
+    missing = [name for name in FIELDS if name not in data] if complete else []
+    if missing:
+        raise FsError(f"{path}: not a status record (missing {', '.join(missing)})")
+    return data
+
+
 def read_status(jobdir: Path) -> dict[str, object]:
     """The status record of a finished job (host side)."""
     path = jobdir / STATUS_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as exc:
         raise fs_error(exc, "read", path) from exc
-    except ValueError as exc:
-        raise FsError(f"{path}: not a status record: {exc}") from exc
-    if not isinstance(data, dict) or set(FIELDS) - set(data):
-        raise FsError(f"{path}: not a status record (fields missing)")
-    return data
+    return parse_status(raw, path)
 
 
 def read_exitcode(jobdir: Path) -> int:

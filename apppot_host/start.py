@@ -30,7 +30,7 @@ from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
 from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size
 from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
-from .uml_launch import EXIT_LAUNCHER, PROG, Disk, Plan, launch
+from .uml_launch import EXIT_CHECK_FAILED, EXIT_LAUNCHER, PROG, Disk, Plan, exit_codes_help, launch
 
 log = logging.getLogger("apppot-start")
 
@@ -56,20 +56,7 @@ environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--linux)
   TMPDIR (where UML keeps the guest's memory: a directory not mounted noexec;
   by default /dev/shm, else /tmp, chosen by apppot-start)
 
-exit codes:
-  0-123    the job's own exit code
-  124      the job ran out of time (--timeout)
-  125      the VM ended without a status (kernel panic, killed, setup or merge
-           failed in the guest), or apppot-start itself failed
-  126      the command is not executable
-  127      the command was not found
-  128+N    the job was killed by signal N
-  130, 143 apppot-start got SIGINT or SIGTERM (the batch system) and stopped
-           the VM; apppot.status.json says outcome "stopped" and when
-  2        bad command-line option, no command and no terminal, or (as root)
-           a job directory root owns (nothing was started)
-  1        --check found a problem (one line each, with its fix)
-"""
+""" + exit_codes_help()
 
 
 class BootMode(StrEnum):
@@ -306,7 +293,7 @@ def cmd_check(args: argparse.Namespace, run: RunDir) -> int:
     for problem in problems:
         sys.stderr.write(f"{PROG}: problem: {problem}\n")
     if problems:
-        return 1
+        return EXIT_CHECK_FAILED
     print(f"{PROG}: a job would run on this host")
     return 0
 

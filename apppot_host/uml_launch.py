@@ -13,12 +13,14 @@ import os
 import re
 import signal
 import sys
+import textwrap
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 
-from apppot_guest.errors import AppPotError, display_path, fs_error
+from apppot_guest.errors import EXIT_USAGE, AppPotError, display_path, fs_error
+from apppot_guest.job import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT
 from apppot_guest.status import EXITCODE_FILE as EXITCODE_NAME
 from apppot_guest.status import STATUS_FILE as STATUS_NAME
 from apppot_guest.status import write_status
@@ -30,9 +32,39 @@ log = logging.getLogger("apppot-start")
 
 PROG = "apppot-start"
 EXIT_LAUNCHER = 125  # the VM ended without a status, or apppot-start itself failed (as docker run)
-EXIT_TIMEOUT = 124
+EXIT_CHECK_FAILED = 1  # apppot-start --check found a problem
+# apppot-start's exit codes: the one table.  Its --help and the README's table
+# are made from it (tests/test_uml_launcher.py checks both).
+EXIT_CODES: tuple[tuple[str, str], ...] = (
+    ("0-123", "the job's own exit code"),
+    (str(EXIT_TIMEOUT), "the job ran out of time (--timeout)"),
+    (str(EXIT_LAUNCHER), "the VM ended without a status (kernel panic, killed, setup or merge failed in the guest), "
+                         "or apppot-start itself failed; the last console lines are printed"),
+    (str(EXIT_NOT_EXECUTABLE), "the command is not executable"),
+    (str(EXIT_NOT_FOUND), "the command was not found"),
+    ("128+N", "the job was killed by signal N (137: SIGKILL, e.g. out of memory)"),
+    ("130, 143", "apppot-start got SIGINT (Ctrl-C) or SIGTERM (the batch system's time limit, scancel) and stopped "
+                 "the VM; apppot.status.json says outcome stopped and when"),
+    (str(EXIT_USAGE), "bad command-line option, no command and no terminal, or (as root) a job directory root owns; "
+                      "nothing was started"),
+    (str(EXIT_CHECK_FAILED), "--check found a problem (one line each, with its fix)"),
+)
 GUEST_FAILURES = ("setup-failed", "merge-failed")  # outcomes where the hook could not run the job
 TIMEOUT_MARGIN = 60.0  # seconds the host adds to --timeout for boot and power-off (they take ~5 s)
+
+
+def exit_codes_help() -> str:
+    """The table as --help shows it."""
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES:
+        first, *rest = textwrap.wrap(meaning, 68)
+        lines += [f"  {code:<9}{first}", *(f"  {'':<9}{line}" for line in rest)]
+    return "\n".join(lines) + "\n"
+
+
+def exit_codes_markdown() -> str:
+    """The table as the README shows it."""
+    return "| code | meaning |\n|---|---|\n" + "".join(f"| {code} | {meaning} |\n" for code, meaning in EXIT_CODES)
 
 
 class Disk(StrEnum):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -31,9 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from apppot_guest.atomicfile import write_atomic
-from apppot_guest.errors import AppPotError, UsageError, display_path, fs_error
+from apppot_guest.errors import AppPotError, FsError, UsageError, display_path, fs_error
 from apppot_guest.job import Outcome
-from apppot_guest.status import EXITCODE_FILE, STATUS_FILE, Status
+from apppot_guest.status import EXITCODE_FILE, STATUS_FILE, Status, parse_status
 
 log = logging.getLogger("apppot-start")
 
@@ -104,16 +103,14 @@ class RunDir:
         path = (directory or self.status_dir) / STATUS_FILE
         try:
             raw = path.read_bytes()
-            data = json.loads(raw)
+            return parse_status(raw, path, complete=False), raw
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             log.error("cannot read %s: %s", display_path(path), exc)
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("exit_code"), int):
-            log.error("%s has no exit_code", display_path(path))
-            return None
-        return data, raw
+        except FsError as exc:
+            log.error("%s", exc)
+        return None
 
 
 def publish_status(jobdir: Path, raw: bytes, exit_code: int) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import grp
 import os
 import pwd
+import random
 import shutil
 import subprocess
 import tempfile
@@ -18,9 +19,12 @@ from apppot_guest.account import Account
 
 
 def free_id(start: int = 23000) -> int:
-    """A number that is neither a uid nor a gid on this machine."""
+    """A number that is neither a uid nor a gid on this machine, drawn at random above ``start``: two test
+    runs on one machine (two checkouts) must not pick the same one, since each kills its ids' processes
+    when it is done (an id that is not in passwd is not reserved by using it)."""
     used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
-    return next(n for n in range(start, 60000) if n not in used)
+    free = [n for n in range(start, start + 20000) if n not in used]
+    return random.SystemRandom().choice(free)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -118,3 +119,10 @@ def test_missing_status_names_the_file(tmp_path: Path) -> None:
         read_status(tmp_path)
     with pytest.raises(FsError, match="apppot.exitcode"):
         read_exitcode(tmp_path)
+
+
+def test_the_readme_names_every_field_of_the_record_in_order() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("`apppot.status.json` has ")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    assert re.findall(r"`(\w+)`", paragraph) == list(FIELDS)
