@@ -36,10 +36,10 @@ from typing import IO, BinaryIO
 
 from . import __version__, faults
 from .atomicfile import create_temp
-from .errors import DeltaError, FsError, ToolError, UsageError, display_path, excerpt, fs_error
 from .diff import Diff, Op
-from .manifest import Entry, Kind, escape, format_entry, join_document, parse_entry, unescape
+from .errors import DeltaError, FsError, ToolError, UsageError, display_path, excerpt, fs_error
 from .hashing import data_extents, read_content
+from .manifest import Entry, Kind, escape, format_entry, join_document, parse_entry, unescape
 
 log = logging.getLogger(__name__)
 

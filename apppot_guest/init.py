@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -83,7 +83,7 @@ class Layout:
 
 def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
     """Account, job directory, delta, the job, the status record.  Never raises AppPotError."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     jobdir = layout.path(RUN_DIR) / "job"
     rundir = layout.path(RUN_DIR) / "run"
     have_jobdir = False
@@ -215,7 +215,7 @@ def _interactive(account: Account, env: dict[str, str], layout: Layout, started:
         code = console_session(argv, account, env, layout.console)
     except OSError as exc:
         return JobResult.failed(Outcome.SETUP_FAILED, str(fs_error(exc, "start a session on", layout.console)), started)
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     outcome = Outcome.KILLED if code > 128 else Outcome.EXITED
     return JobResult(outcome, code, code - 128 if code > 128 else None, None, started, finished, (finished - started).total_seconds())
 
@@ -223,7 +223,7 @@ def _interactive(account: Account, env: dict[str, str], layout: Layout, started:
 def _failed_cmdline(raw: bytes, exc: ConfigError, layout: Layout, mounter: Mounter) -> Status:
     """A kernel command line that does not parse (or speaks another protocol): report it where the
     launcher looks, the run's own directory (apppot.rundir) or else the job directory, if one can be found."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     result = JobResult.failed(Outcome.SETUP_FAILED, f"bad kernel command line: {exc}", started)
     status = status_of(result, None, None, None, None, None)
     for name, target in (("rundir", layout.path(RUN_DIR) / "run"), ("jobdir", layout.path(RUN_DIR) / "job")):

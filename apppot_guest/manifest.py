@@ -48,8 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from . import __version__
-from . import faults
+from . import __version__, faults
 from .atomicfile import create_temp, write_atomic
 from .errors import DeltaError, NoBaseError, fs_error
 

@@ -30,12 +30,12 @@ from typing import BinaryIO
 
 from . import faults
 from .atomicfile import lock_quietly, temp_name
+from .confined import Root, set_metadata_at, set_xattrs
 from .delta import HEADER_NAME, DeltaHeader, open_archive, read_header
 from .diff import Op
 from .errors import BaseMismatchError, DeltaError, FsError, Interrupted, NoBaseError, UnsafePathError, display_path, fs_error
-from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, make_dirs_quietly, read_base_id
-from .confined import Root, set_metadata_at, set_xattrs
 from .hashing import CHUNK, hash_zeros
+from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, make_dirs_quietly, read_base_id
 from .tree import Excluder
 
 log = logging.getLogger(__name__)

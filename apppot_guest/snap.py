@@ -14,12 +14,11 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
-from . import faults
+from . import __version__, faults
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare, with_read_metadata
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error
 from apppot_guest.proc import run
-
 from . import mkrootfs
 from .build_deb import build as build_deb_from
 

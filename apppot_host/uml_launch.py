@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -95,7 +95,7 @@ def launch(plan: Plan, network: bool) -> int:
 
 
 def run_vm(plan: Plan, network: bool) -> int:
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     remove_stale_status(plan.jobdir)
     tmpdir, why = uml_tmpdir()
     log.info("UML's temporary directory: %s (%s)", tmpdir, why)

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures_user import free_id, shared_tmp  # noqa: F401
 
 from apppot_guest.cmdline import BootConfig, fit_kernel_args
 from apppot_guest.status import read_exitcode, read_status
+from fixtures_user import free_id, shared_tmp  # noqa: F401
 
 PY = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def make_root(base: Path, ident: int) -> Path:
 
 
 @pytest.fixture
-def scratch(shared_tmp: Path) -> Iterator[tuple[Path, Path, int]]:  # noqa: F811
+def scratch(shared_tmp: Path) -> Iterator[tuple[Path, Path, int]]:
     """(root, jobdir, id): a scratch root and a job directory owned by the job's future uid."""
     base = Path(tempfile.mkdtemp(prefix="boot-", dir=shared_tmp))
     base.chmod(0o755)

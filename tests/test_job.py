@@ -9,10 +9,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fixtures_user import job_dir, job_user, shared_tmp  # noqa: F401
 
 from apppot_guest.account import Account, login_env
 from apppot_guest.job import JobResult, JobSpec, Outcome, run_job
+from fixtures_user import job_dir, job_user, shared_tmp  # noqa: F401
 
 PY = "/usr/bin/python3"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from apppot_guest.errors import FsError
 from apppot_guest.job import JobResult, Outcome
 from apppot_guest.status import EXITCODE_FILE, FIELDS, STATUS_FILE, read_exitcode, read_status, status_of, write_status
 
-T0 = datetime(2026, 11, 25, 9, 30, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 25, 9, 30, 0, 123456, tzinfo=UTC)
 
 
 def a_status(code: int = 7, argv: tuple[str, ...] = ("python3", "run.py", "a b")):

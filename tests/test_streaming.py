@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_roundtrip_property import apply
 
-import legacy_snap
 from apppot_guest import snap
 from apppot_guest.diff import Diff, Op, compare
 from apppot_guest.errors import DeltaError
 from apppot_guest.manifest import Entry, Kind, base_path, load_base, read_records
 from apppot_guest.tree import Excluder, walk
 from apppot_guest.workers import Workers
+import legacy_snap
 from fixtures_tree import make_rootfs
 from mutations import mutate_everything
 from snaphelp import snap as run_snap
-from test_roundtrip_property import apply
 
 # Names around '/' in byte order: "a" < "a b" < "a-b" < "a.c" < "a/..." < "a0" < "ab"; "\x01" sorts first of all.
 ODD_ORDER = ["a", "a/b", "a/b/c", "a b", "a-b", "a-b/c", "a.c", "a0", "ab", "a\x01", "a\x01/x", "b/a-b", "b/a/b", "b/a.b/c"]

@@ -56,7 +56,7 @@ def test_exit_codes_reach_the_launcher(start_job: Start, uml_jobdir: Path, uml_u
     result = start_job(uml_jobdir, *prog, options=options)
     assert result.returncode == code, result.stderr
     record = status(uml_jobdir)
-    assert STATUS_FIELDS <= set(record), sorted(STATUS_FIELDS - set(record))
+    assert set(record) >= STATUS_FIELDS, sorted(STATUS_FIELDS - set(record))
     assert record["exit_code"] == code and record["outcome"] == outcome
     assert record["command"] == prog
     assert (record["uid"], record["gid"]) == (uml_user.uid, uml_user.gid)

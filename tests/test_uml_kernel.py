@@ -14,7 +14,7 @@ import pytest
 
 from apppot_guest.account import Account
 from apppot_host import uml_vm
-from fixtures_uml import CHECKOUT, LAUNCHER, PYTHON, as_user
+from fixtures_uml import LAUNCHER, PYTHON, as_user
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -91,7 +91,7 @@ def test_bases_are_shared_and_a_base_in_use_cannot_be_written_in_place(tmp_path:
 
 
 def test_the_stopped_record_has_every_field_and_says_why(tmp_path: Path) -> None:
-    started = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    started = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     record = uml_run.stopped_status(signal.SIGTERM, "SIGTERM", ("sh", "-c", "sleep 300"), 1000, 1000, started)
     data = record.to_json()
     assert set(data) == set(FIELDS)
