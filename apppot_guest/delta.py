@@ -307,7 +307,8 @@ def tarinfo_for(entry: Entry) -> tarfile.TarInfo:
     return info
 
 
-def write_members(writer: TarWriter, root: bytes, sparse: frozenset[bytes], ops: Iterable[tuple[Op, Entry | bytes]], progress: Callable[[int, int], None] | None) -> None:
+def write_members(writer: TarWriter, root: bytes, sparse: frozenset[bytes], ops: Iterable[tuple[Op, Entry | bytes]],
+                  progress: Callable[[int, int], None] | None) -> None:
     count = 0
     for op, entry in ops:
         if op is not Op.CREATE or not isinstance(entry, Entry):
@@ -406,7 +407,8 @@ class DeltaOutput:
             if proc.wait() != 0:
                 if os.fstatvfs(self.fd).f_bavail == 0 or os.strerror(errno.ENOSPC).encode() in err:
                     raise FsError(f"cannot write {self.path}: No space left on device")
-                raise ToolError(f"{self.compressor[0]} failed writing {self.path}: {excerpt(err.strip(), 200) if err.strip() else f'exit code {proc.returncode}'}")
+                why = excerpt(err.strip(), 200) if err.strip() else f"exit code {proc.returncode}"
+                raise ToolError(f"{self.compressor[0]} failed writing {self.path}: {why}")
             os.fsync(self.fd)
         except BaseException:
             if proc.poll() is None:
@@ -422,7 +424,7 @@ class DeltaOutput:
 def open_archive(path: Path) -> tuple[BinaryIO, subprocess.Popen[bytes] | None]:
     """Open a delta for reading, decompressing by its magic bytes (not its name)."""
     try:
-        raw = open(path, "rb")
+        raw = open(path, "rb")  # noqa: SIM115 (returned to the caller, or closed here)
     except OSError as exc:
         raise fs_error(exc, "read the delta", path) from exc
     magic = os.pread(raw.fileno(), 6, 0)  # the file offset stays at 0 for the decompressor

@@ -271,8 +271,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="print the parsed kernel command line as JSON and exit")
     parser.add_argument("--cmdline", type=Path, metavar="FILE", help="read the kernel command line from FILE (default: /proc/cmdline)")
     parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR", help="act on the system under DIR (testing; default /)")
-    parser.add_argument("--bind", action="store_true", help="apppot.* paths are local directories to bind-mount, not hostfs paths (testing on a host)")
-    parser.add_argument("--console", type=Path, default=Path("/dev/console"), metavar="TTY", help="the terminal of an interactive session (default /dev/console)")
+    parser.add_argument("--bind", action="store_true",
+                        help="apppot.* paths are local directories to bind-mount, not hostfs paths (testing on a host)")
+    parser.add_argument("--console", type=Path, default=Path("/dev/console"), metavar="TTY",
+                        help="the terminal of an interactive session (default /dev/console)")
     parser.add_argument("--no-poweroff", action="store_true", help="exit with the job's exit code instead of powering off")
     parser.add_argument("-v", "--verbose", action="store_true", help="say what is done")
     parser.add_argument("--debug", action="store_true", help="debug messages and tracebacks")

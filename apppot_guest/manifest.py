@@ -320,7 +320,7 @@ class BaseRecords:
 def read_records(root: Path) -> BaseRecords:
     path = base_path(root)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 (the records generator reads and closes it)
     except FileNotFoundError:
         raise NoBaseError(f"no base manifest at {path}: record one with 'apppot-snap base'") from None
     except OSError as exc:

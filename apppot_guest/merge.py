@@ -89,7 +89,7 @@ class Merge:
         if proc:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             if proc.wait() != 0:
-                raise DeltaError(f"{self.delta}: cannot decompress: {err or 'exit code %d' % proc.returncode}")
+                raise DeltaError(f"{self.delta}: cannot decompress: {err or f'exit code {proc.returncode}'}")
 
     def _stage_members(self, tar: tarfile.TarFile) -> None:
         members = iter(tar)
@@ -119,7 +119,8 @@ class Merge:
             base_id = read_base_id(self.root_path)
         except NoBaseError:
             if not self.force:
-                raise NoBaseError(f"no base manifest in {self.root_path / BASE_DIR}: cannot check that {self.delta} fits this image (--force applies it anyway)") from None
+                raise NoBaseError(f"no base manifest in {self.root_path / BASE_DIR}: cannot check that {self.delta} "
+                                  "fits this image (--force applies it anyway)") from None
             base_id = ""
         if base_id != self.header.base_id:
             if not self.force:
@@ -161,7 +162,8 @@ class Merge:
             if op is Op.META and isinstance(item, Entry):
                 st = self.root.lstat(path)
                 if st is None or MODE_OF_KIND[item.kind] != stat.S_IFMT(st.st_mode):
-                    message = f"{self.delta}: changes the metadata of {display_path(path)!r}, which is not a {item.kind.name.lower()} in {self.root_path}"
+                    message = (f"{self.delta}: changes the metadata of {display_path(path)!r}, "
+                               f"which is not a {item.kind.name.lower()} in {self.root_path}")
                     if not self.force:
                         raise DeltaError(message)
                     log.warning("%s", message)
@@ -345,7 +347,8 @@ class Merge:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            raise FsError(f"{self.root_path / os.fsdecode(entry.path)} is on another file system than {self.staging}; merging across file systems is not supported") from None
+            raise FsError(f"{self.root_path / os.fsdecode(entry.path)} is on another file system than {self.staging}; "
+                          "merging across file systems is not supported") from None
         try:  # rename() does nothing when both names are already the same file
             os.unlink(staged, dir_fd=self.staging_fd)
         except FileNotFoundError:

@@ -140,6 +140,7 @@ def assert_trees_equal(a: Path, b: Path, ignore: tuple[str, ...] = (), dir_mtime
             if path == b"\0hardlink-groups":
                 diffs.append(f"hardlink groups: {sa[path]} != {sb[path]}")
                 continue
-            which = [f for f, x, y in zip(fields, sa[path], sb[path]) if x != y]
-            diffs.append(f"{path!r}: {', '.join(which)} differ: {[(x, y) for f, x, y in zip(fields, sa[path], sb[path]) if f in which and f != 'content']}")
+            pairs = [(f, x, y) for f, x, y in zip(fields, sa[path], sb[path], strict=True) if x != y]
+            shown = [(x, y) for f, x, y in pairs if f != "content"]
+            diffs.append(f"{path!r}: {', '.join(f for f, _, _ in pairs)} differ: {shown}")
     assert not diffs, "trees differ:\n" + "\n".join(diffs[:20])

@@ -254,9 +254,9 @@ def test_reconfigure_is_idempotent_and_handles_inittab(installed_tree: Path, tre
     watched = ["etc/passwd", "etc/group", "etc/shadow", "etc/sudoers.d/apppot", "var/lib/apppot/console-masked"]
     with mkrootfs.chroot_session(root):
         in_tree(root, "dpkg-reconfigure", "-fnoninteractive", "apppot")
-        first = {p: (root / p).read_bytes() for p in watched + ["etc/inittab"]}
+        first = {p: (root / p).read_bytes() for p in [*watched, "etc/inittab"]}
         in_tree(root, "dpkg-reconfigure", "-fnoninteractive", "apppot")
-    assert {p: (root / p).read_bytes() for p in watched + ["etc/inittab"]} == first
+    assert {p: (root / p).read_bytes() for p in [*watched, "etc/inittab"]} == first
     inittab = (root / "etc/inittab").read_text().splitlines()
     assert inittab[2] == "#AppPot#1:2345:respawn:/sbin/getty --noclear 38400 tty1"
     assert inittab[3] == "#AppPot#2:23:respawn:/sbin/getty 38400 tty2"

@@ -357,7 +357,8 @@ def test_the_init_script_runs_apppot_init(scratch: tuple[Path, Path, int]) -> No
     is the checkout's apppot-init with the scratch-root options (an overlay), /run/systemd is hidden."""
     root, jobdir, ident = scratch
     cmdline = root.parent / "cmdline"
-    cmdline.write_text(" ".join(BootConfig(argv=("sh", "-c", "echo ran > ran; exit 6"), jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args()))
+    config = BootConfig(argv=("sh", "-c", "echo ran > ran; exit 6"), jobdir=os.fspath(jobdir), uid=ident, gid=ident)
+    cmdline.write_text(" ".join(config.kernel_args()))
     hook = root.parent / "apppot-init"
     hook.write_text(f'#!/bin/sh\nexec {PY} -m apppot_guest.init --root "{root}" --bind --no-poweroff --cmdline "{cmdline}"\n')
     hook.chmod(0o755)

@@ -114,7 +114,7 @@ def test_a_bad_status_file_is_refused(tmp_path: Path, content: str) -> None:
 
 
 def test_missing_status_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FsError, match="apppot.status.json"):
+    with pytest.raises(FsError, match=r"apppot\.status\.json"):
         read_status(tmp_path)
-    with pytest.raises(FsError, match="apppot.exitcode"):
+    with pytest.raises(FsError, match=r"apppot\.exitcode"):
         read_exitcode(tmp_path)

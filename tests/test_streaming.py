@@ -113,7 +113,7 @@ def test_a_manifest_out_of_order_or_corrupt_is_refused(rootfs: Path) -> None:
     path = base_path(rootfs)
     lines = path.read_bytes().split(b"\n")
     body = lines[2:-1]
-    path.write_bytes(b"\n".join(lines[:2] + [body[1], body[0], *body[2:]]) + b"\n")  # same ID, wrong order
+    path.write_bytes(b"\n".join([*lines[:2], body[1], body[0], *body[2:]]) + b"\n")  # same ID, wrong order
     assert "not sorted" in run_snap("--root", rootfs, "status", check=DeltaError.exit_code).stderr
     path.write_bytes(b"\n".join(lines[:2] + body[:-1]) + b"\n")  # one entry short
     assert "corrupt" in run_snap("--root", rootfs, "status", check=DeltaError.exit_code).stderr
@@ -140,7 +140,8 @@ op_st = st.one_of(
 @pytest.fixture(scope="module")
 def odd_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_rootfs(tmp_path_factory.mktemp("odd") / "root")
-    for op in [("write", p, p.encode("utf-8", "surrogateescape")) for p in ("a-b", "a.c", "a0", "etc/x-y")] + [("write", "a/b/c", b"c"), ("write", "etc/x/y", b"y")]:
+    odd = [("write", p, p.encode("utf-8", "surrogateescape")) for p in ("a-b", "a.c", "a0", "etc/x-y")]
+    for op in [*odd, ("write", "a/b/c", b"c"), ("write", "etc/x/y", b"y")]:
         apply(root, op)
     assert snap.main(["--root", str(root), "base"]) == 0
     return root

@@ -128,7 +128,7 @@ def test_four_jobs_at_once_on_one_read_only_base(uml_user: Account, apppot_image
         procs.append((n, jobdir, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                                   stderr=subprocess.PIPE, text=True)))
     for n, jobdir, proc in procs:
-        out, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=600)
         assert proc.returncode == 10 + n, err
         assert (jobdir / "out.txt").read_text() == f"job {n}\n"
     leftovers = run_dirs(uml_user.uid)
