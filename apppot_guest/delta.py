@@ -72,7 +72,7 @@ def header_bytes(base_id: str, ops: list[tuple[Op, Entry | bytes]]) -> bytes:
         counts[op.name.lower()] += 1
         payload = escape(item) if isinstance(item, bytes) else format_entry(item)
         lines.append(op.encode() + b"\t" + payload)
-    meta = {
+    meta: dict[str, object] = {
         "apppot_version": __version__,
         "base_id": base_id,
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -128,7 +128,7 @@ def read_header(reader: IO[bytes], size: int, where: Path) -> DeltaHeader:
         try:
             tag, _, payload = line[:-1].partition(b"\t")
             op = Op(tag.decode("ascii"))
-            item = unescape(payload) if op is Op.DELETE else parse_entry(payload)
+            item: Entry | bytes = unescape(payload) if op is Op.DELETE else parse_entry(payload)
         except (ValueError, KeyError) as exc:
             raise DeltaError(f"{what} line {number} is malformed ({str(exc)[:80]}): {excerpt(line)}") from None
         path = item if isinstance(item, bytes) else item.path

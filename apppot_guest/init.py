@@ -132,7 +132,7 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             (log.info if status_dir is not None else log.error)("merge failed: %s", exc)
             return finish(JobResult.failed(Outcome.MERGE_FAILED, str(exc), started))
         except Exception as exc:  # a bug in the merge must still be reported and power off
-            log.error("merge failed: %s", "".join(traceback.format_exception_only(exc)).strip())
+            log.error("merge failed: %s", "".join(traceback.format_exception_only(type(exc), exc)).strip())
             return finish(JobResult.failed(Outcome.MERGE_FAILED, f"internal error: {exc}", started))
 
     try:

@@ -298,23 +298,22 @@ def _run(spec: JobSpec, started: datetime, t0: float, oom_before: int) -> JobRes
     finished = datetime.now(UTC)
     status = tree.job_status if tree.job_status is not None else 0
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us with wait4: Popen must not wait
-    common = {
-        "started_at": started,
-        "finished_at": finished,
-        "wall_seconds": round(time.monotonic() - t0, 3),
-        "cpu_user_seconds": round(tree.user, 3),
-        "cpu_system_seconds": round(tree.system, 3),
-        "max_rss_kib": tree.max_rss_kib,
-        # The kernel's count of OOM kills rose while the job ran (in the VM only the job runs):
-        # also true when the job survived the loss of one of its processes.
-        "oom_killed": _oom_kills() > oom_before,
-    }
+    wall_seconds = round(time.monotonic() - t0, 3)
+    # The kernel's count of OOM kills rose while the job ran (in the VM only the job runs):
+    # also true when the job survived the loss of one of its processes.
+    oom_killed = _oom_kills() > oom_before
+
+    def result(outcome: Outcome, code: int, signum: int | None, error: str | None) -> JobResult:
+        return JobResult(outcome, code, signum, error, started_at=started, finished_at=finished, wall_seconds=wall_seconds,
+                         cpu_user_seconds=round(tree.user, 3), cpu_system_seconds=round(tree.system, 3),
+                         max_rss_kib=tree.max_rss_kib, oom_killed=oom_killed)
+
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     if timed_out:
-        return JobResult(Outcome.TIMEOUT, EXIT_TIMEOUT, signum, f"timed out after {spec.timeout:g} seconds", **common)
+        return result(Outcome.TIMEOUT, EXIT_TIMEOUT, signum, f"timed out after {spec.timeout:g} seconds")
     if signum is not None:
-        return JobResult(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({_signal_name(signum)})", **common)
-    return JobResult(Outcome.EXITED, os.WEXITSTATUS(status), None, None, **common)
+        return result(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({_signal_name(signum)})")
+    return result(Outcome.EXITED, os.WEXITSTATUS(status), None, None)
 
 
 def _signal_name(signum: int) -> str:

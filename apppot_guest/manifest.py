@@ -332,8 +332,8 @@ def read_records(root: Path) -> BaseRecords:
     except BaseException:
         f.close()
         raise
-    return BaseRecords(str(meta.get("id", "")), int(meta.get("entries", -1)) if isinstance(meta.get("entries"), int) else -1,  # type: ignore[arg-type]
-                       _records(f, where, meta))
+    entries = meta.get("entries")
+    return BaseRecords(str(meta.get("id", "")), int(entries) if isinstance(entries, int) else -1, _records(f, where, meta))
 
 
 def _records(f: IO[bytes], where: str, meta: dict[str, object]) -> Iterator[tuple[bytes, bytes]]:

@@ -26,7 +26,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, cast
 
 from . import faults
 from .atomicfile import lock_quietly, temp_name
@@ -371,10 +371,11 @@ def member_mismatch(member: tarfile.TarInfo, entry: Entry) -> str:
     return "" if checks[entry.kind] else f"its type or size differs from the header's {entry.kind.name.lower()}"
 
 
-def copy_member(reader: BinaryIO, member: tarfile.TarInfo, fd: int, size: int) -> str:
+def copy_member(reader: IO[bytes], member: tarfile.TarInfo, fd: int, size: int) -> str:
     """Copy a member's content to ``fd`` (-1: only hash it), keeping holes; returns its SHA-256."""
     h = hashlib.sha256()
-    extents = member.sparse if member.sparse is not None else [(0, size)]
+    # tarfile keeps a sparse member's (offset, size) extents in TarInfo.sparse (typeshed: bytes).
+    extents = cast("list[tuple[int, int]]", member.sparse) if member.sparse is not None else [(0, size)]
     raw = reader.raw  # type: ignore[attr-defined]  # tarfile's own file view: seeks forward in a stream
     position = 0
     for start, length in extents:
@@ -412,8 +413,8 @@ def apply_delta(root: Path, delta: Path, *, force: bool = False, dry_run: bool =
         assert merge.header is not None
         plan = describe(merge.header.ops)
         if dry_run:
-            counts = [sum(1 for op, _ in merge.header.ops if op is kind) for kind in (Op.CREATE, Op.META, Op.DELETE)]
-            return MergeReport(*counts, base_id=merge.header.base_id, plan=plan)
+            created, updated, deleted = (sum(1 for op, _ in merge.header.ops if op is kind) for kind in (Op.CREATE, Op.META, Op.DELETE))
+            return MergeReport(created, updated, deleted, base_id=merge.header.base_id, plan=plan)
         faults.reached("staged")
         # Once the root starts to change, Ctrl-C and termination wait until it is done:
         # a merge is applied whole (only SIGKILL or a crash can stop it half-way).

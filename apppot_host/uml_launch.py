@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import cast
 
 from apppot_guest.errors import AppPotError, display_path, fs_error
 from apppot_guest.status import EXITCODE_FILE as EXITCODE_NAME
@@ -120,7 +121,7 @@ def run_vm(plan: Plan, network: bool) -> int:
                          "into the job directory, where jobs sharing it can overwrite it; rebuild the image\n")
     if found is not None:  # this run's own record: the job ended (even if a signal came after)
         status, raw = found
-        code = int(status["exit_code"])  # type: ignore[arg-type]
+        code = int(cast(int, status["exit_code"]))  # read_status checked that it is an int
         try:
             publish_status(plan.jobdir, raw, code)
         except AppPotError as exc:  # the code is known: a job directory that cannot take its record does not change it
