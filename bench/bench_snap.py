@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from apppot_guest.tree import DEFAULT_EXCLUDE, read_patterns
@@ -67,7 +68,7 @@ def timed(argv: list[str], **kw: object) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss
 
 
-def best(argv: list[str], before=None, **kw: object) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+def best(argv: list[str], before: Callable[[], None] | None = None, **kw: object) -> tuple[float, int]:
     runs = []
     for _ in range(REPEAT):
         if before:

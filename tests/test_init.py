@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,7 +125,7 @@ def test_boot_runs_the_job_as_the_user_and_records_its_status(scratch: tuple[Pat
     assert lines == ["from the host", f"{home} {NAME} {home}/job", str(ident), "a b|$HOME||"]
     st = (jobdir / "output.txt").stat()
     assert (st.st_uid, st.st_gid) == (ident, ident)
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert read_exitcode(jobdir) == 7
     assert status["exit_code"] == 7 and status["outcome"] == "exited" and status["signal"] is None and status["error"] is None
     assert status["command"] == list(argv)
@@ -151,7 +152,7 @@ def test_boot_with_another_uid_moves_the_account_and_reuses_a_group(scratch: tup
     os.chown(jobdir, other, 100)
     out = boot(root, BootConfig(argv=("sh", "-c", "id -u; id -g; touch f"), jobdir=os.fspath(jobdir), uid=other, gid=100).kernel_args())
     assert out.returncode == 0, out.stderr
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["user"], status["uid"], status["gid"]) == (NAME, other, 100)  # gid 100 is the existing group 'users'
     assert (jobdir / "f").stat().st_uid == other
     assert (root / "home" / NAME).stat().st_uid == other
@@ -202,7 +203,7 @@ def test_boot_reports_every_job_outcome(scratch: tuple[Path, Path, int], argv: t
     root, jobdir, ident = scratch
     out = boot(root, BootConfig(argv=argv, jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args())
     assert out.returncode == code, out.stderr
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["exit_code"], status["outcome"]) == (code, outcome)
     assert read_exitcode(jobdir) == code
 
@@ -213,7 +214,7 @@ def test_a_bad_delta_is_merge_failed_and_the_job_does_not_run(scratch: tuple[Pat
     config = BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir), changes=os.fspath(jobdir / "changes.tar"), uid=ident, gid=ident)
     out = boot(root, config.kernel_args())
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["outcome"], status["exit_code"]) == ("merge-failed", 125)
     assert status["error"] and "\n" not in status["error"]
     assert not (jobdir / "ran").exists()
@@ -224,7 +225,7 @@ def test_a_missing_delta_is_merge_failed(scratch: tuple[Path, Path, int]) -> Non
     root, jobdir, ident = scratch
     config = BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir), changes=os.fspath(jobdir / "nope.tar"), uid=ident, gid=ident)
     assert boot(root, config.kernel_args()).returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["outcome"] == "merge-failed" and "no such file" in status["error"]
     assert not (jobdir / "ran").exists()
 
@@ -251,7 +252,7 @@ def test_a_bad_command_line_is_setup_failed_in_the_job_directory(scratch: tuple[
     root, jobdir, _ident = scratch
     out = boot(root, ["apppot.cmd=true", "apppot.uid=abc", f"apppot.jobdir={BootConfig(jobdir=os.fspath(jobdir)).kernel_args()[0].split('=', 1)[1]}"])
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["outcome"], status["exit_code"]) == ("setup-failed", 125)
     assert status["error"] == "bad kernel command line: apppot.uid=abc: not a number"
     assert "apppot-init: apppot.uid=abc: not a number" in out.stderr
@@ -261,7 +262,7 @@ def test_a_missing_command_file_is_setup_failed(scratch: tuple[Path, Path, int])
     root, jobdir, ident = scratch
     out = boot(root, BootConfig(cmdfile="apppot.argv", jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args())
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["outcome"] == "setup-failed" and "apppot.argv" in status["error"]
 
 
@@ -305,7 +306,7 @@ def test_as_pid_1_in_a_pid_namespace(scratch: tuple[Path, Path, int]) -> None:
     argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private",
             PY, "-m", "apppot_guest.init", "--root", str(root), "--bind", "--cmdline", str(cmdline)]
     out = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300, check=False)
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["exit_code"] == 5, out.stderr
     assert status["max_rss_kib"] < 100 * 1024, "measured processes outside the job's tree"
     assert out.returncode in (-2, 128 + 2), out.stderr  # SIGINT from reboot(RB_POWER_OFF) in the namespace
@@ -413,7 +414,7 @@ def test_bad_defaults_file_is_setup_failed(scratch: tuple[Path, Path, int]) -> N
     (root / "etc/default/apppot").write_text("APPPOT_UID=lots\n")
     out = boot(root, BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir)).kernel_args())
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["outcome"] == "setup-failed" and "etc/default/apppot" in status["error"]
     assert not (jobdir / "ran").exists()
 

@@ -121,7 +121,8 @@ def test_a_second_merge_is_refused_while_one_runs(pair: tuple[Path, Path], tmp_p
     with paused(tmp_path, "staged", "--root", target, "merge", one) as first:
         second = snap("--root", target, "merge", two, check=BusyError.exit_code)
         assert_one_error_line(second, str(target), f"apppot-snap merge (pid {first.pid})", "did nothing")
-        for action in (["base"], ["status"], ["changes", tmp_path / "d.tar"]):  # nobody else either
+        actions: list[list[str | Path]] = [["base"], ["status"], ["changes", tmp_path / "d.tar"]]
+        for action in actions:  # nobody else either
             assert_one_error_line(snap("--root", target, *action, check=BusyError.exit_code), f"pid {first.pid}")
     assert first.returncode == 0, first.stderr
     assert_trees_equal(target, tmp_path / "one", ignore=IGNORE)
