@@ -27,7 +27,7 @@ bench-scale: deps
 	$(PY) bench/bench_snap.py --scale
 
 clean:
-	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis
+	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # The apppot Debian package (stdeb): out/apppot_<version>-1_all.deb (docs/package.md).
 .PHONY: deb
