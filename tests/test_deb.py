@@ -25,6 +25,7 @@ from fixtures_debian import (
     mkrootfs,
     source_version,
 )
+from fixtures_user import require_root
 
 VERSION = source_version()
 DEB_VERSION = f"{VERSION}-1"
@@ -392,6 +393,7 @@ def _script(name: str, *args: str | os.PathLike[str]) -> subprocess.CompletedPro
 
 
 def test_mkrootfs_refuses_a_non_empty_target(tmp_path: Path) -> None:
+    require_root("mkrootfs checks that it runs as root before its arguments")
     (tmp_path / "something").write_text("x")
     result = _script("mkrootfs", tmp_path, "--packages", "hello")
     assert result.returncode == 2
@@ -407,6 +409,7 @@ def test_mkrootfs_refuses_a_non_empty_target(tmp_path: Path) -> None:
     ],
 )
 def test_mkrootfs_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    require_root("mkrootfs checks that it runs as root before its arguments")
     result = _script("mkrootfs", tmp_path / "root", *args)
     assert (result.returncode, result.stderr) == (2, f"mkrootfs: error: {message}\n")
     assert not (tmp_path / "root").exists()

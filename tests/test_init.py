@@ -17,7 +17,7 @@ import pytest
 
 from apppot_guest.cmdline import BootConfig, fit_kernel_args
 from apppot_guest.status import read_exitcode, read_status
-from fixtures_user import free_id, shared_tmp  # noqa: F401
+from fixtures_user import free_id, require_root, shared_tmp  # noqa: F401
 
 PY = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +45,7 @@ def make_root(base: Path, ident: int) -> Path:
 @pytest.fixture
 def scratch(shared_tmp: Path) -> Iterator[tuple[Path, Path, int]]:
     """(root, jobdir, id): a scratch root and a job directory owned by the job's future uid."""
+    require_root("the scratch root gets the host's account files (shadow) and job accounts")
     base = Path(tempfile.mkdtemp(prefix="boot-", dir=shared_tmp))
     base.chmod(0o755)
     ident = free_id(24000)
@@ -287,8 +288,9 @@ def test_nothing_happens_while_dpkg_runs(scratch: tuple[Path, Path, int]) -> Non
 
 
 def test_init_needs_root() -> None:
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "apppot_guest.init", "--no-poweroff"],
+        [*as_nobody, PY, "-m", "apppot_guest.init", "--no-poweroff"],
         capture_output=True, text=True, env=ENV, cwd=REPO, check=False,
     )
     assert out.returncode == 2 and out.stderr == "apppot-init: error: must run as root (it is the boot hook)\n"
