@@ -27,7 +27,7 @@ bench-scale: deps
 	$(PY) bench/bench_snap.py --scale
 
 clean:
-	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis
+	rm -rf build dist deb_dist out *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # The Debian packages (stdeb, docs/package.md): the guest's out/apppot_<version>-1_all.deb and the
 # host's out/apppot-host_<version>-1_<arch>.deb (launcher, image builder, AppPot's kernel, the guest package).

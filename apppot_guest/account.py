@@ -146,10 +146,10 @@ def ensure_account(root: Path, name: str, uid: int, group: str, gid: int) -> Acc
         run(["useradd", *_root_args(root), "--create-home", "--uid", str(uid), "--gid", str(gid), "--shell", shell, name])
         account_name = name
 
-    row = {r.name: r for r in _read_table(etc / "passwd")}.get(account_name)
-    if row is None or len(row.fields) < 7:
+    made = {r.name: r for r in _read_table(etc / "passwd")}.get(account_name)
+    if made is None or len(made.fields) < 7:
         raise FsError(f"account {account_name} is missing from {display_path(etc / 'passwd')} after creating it")
-    home = root / row.fields[5].lstrip("/") if row.fields[5] else root / "home" / account_name
+    home = root / made.fields[5].lstrip("/") if made.fields[5] else root / "home" / account_name
     _ensure_home(home, uid, gid, root)
     _ensure_sudo(root, account_name)
     supplementary = tuple(
@@ -158,7 +158,7 @@ def ensure_account(root: Path, name: str, uid: int, group: str, gid: int) -> Acc
             - {gid}
         )
     )
-    return Account(account_name, uid, group_name, gid, home, row.fields[6] or "/bin/sh", supplementary)
+    return Account(account_name, uid, group_name, gid, home, made.fields[6] or "/bin/sh", supplementary)
 
 
 def _ensure_home(home: Path, uid: int, gid: int, root: Path) -> None:

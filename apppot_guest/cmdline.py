@@ -39,11 +39,11 @@ import re
 import shlex
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from .atomicfile import write_atomic
 from . import __version__
+from .atomicfile import write_atomic
 from .errors import ConfigError, ProtocolError, display_path, fs_error
 
 log = logging.getLogger(__name__)

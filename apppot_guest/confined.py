@@ -133,7 +133,7 @@ def set_xattrs(target: bytes | int, wanted: tuple[tuple[bytes, bytes], ...]) -> 
             raise
         present = set()
     wanted_names = {os.fsdecode(n) for n, _ in wanted}
-    for name in present - wanted_names:
-        os.removexattr(target, name, follow_symlinks=follow)
+    for stale in present - wanted_names:
+        os.removexattr(target, stale, follow_symlinks=follow)
     for name, value in wanted:
         os.setxattr(target, os.fsdecode(name), value, follow_symlinks=follow)

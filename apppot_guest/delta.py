@@ -36,10 +36,10 @@ from typing import IO, BinaryIO
 
 from . import __version__, faults
 from .atomicfile import create_temp
-from .errors import DeltaError, FsError, ToolError, UsageError, display_path, excerpt, fs_error
 from .diff import Diff, Op
-from .manifest import Entry, Kind, escape, format_entry, join_document, parse_entry, unescape
+from .errors import DeltaError, FsError, ToolError, UsageError, display_path, excerpt, fs_error
 from .hashing import data_extents, read_content
+from .manifest import Entry, Kind, escape, format_entry, join_document, parse_entry, unescape
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def header_bytes(base_id: str, ops: list[tuple[Op, Entry | bytes]]) -> bytes:
         counts[op.name.lower()] += 1
         payload = escape(item) if isinstance(item, bytes) else format_entry(item)
         lines.append(op.encode() + b"\t" + payload)
-    meta = {
+    meta: dict[str, object] = {
         "apppot_version": __version__,
         "base_id": base_id,
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -128,7 +128,7 @@ def read_header(reader: IO[bytes], size: int, where: Path) -> DeltaHeader:
         try:
             tag, _, payload = line[:-1].partition(b"\t")
             op = Op(tag.decode("ascii"))
-            item = unescape(payload) if op is Op.DELETE else parse_entry(payload)
+            item: Entry | bytes = unescape(payload) if op is Op.DELETE else parse_entry(payload)
         except (ValueError, KeyError) as exc:
             raise DeltaError(f"{what} line {number} is malformed ({str(exc)[:80]}): {excerpt(line)}") from None
         path = item if isinstance(item, bytes) else item.path
@@ -307,7 +307,8 @@ def tarinfo_for(entry: Entry) -> tarfile.TarInfo:
     return info
 
 
-def write_members(writer: TarWriter, root: bytes, sparse: frozenset[bytes], ops: Iterable[tuple[Op, Entry | bytes]], progress: Callable[[int, int], None] | None) -> None:
+def write_members(writer: TarWriter, root: bytes, sparse: frozenset[bytes], ops: Iterable[tuple[Op, Entry | bytes]],
+                  progress: Callable[[int, int], None] | None) -> None:
     count = 0
     for op, entry in ops:
         if op is not Op.CREATE or not isinstance(entry, Entry):
@@ -406,7 +407,8 @@ class DeltaOutput:
             if proc.wait() != 0:
                 if os.fstatvfs(self.fd).f_bavail == 0 or os.strerror(errno.ENOSPC).encode() in err:
                     raise FsError(f"cannot write {self.path}: No space left on device")
-                raise ToolError(f"{self.compressor[0]} failed writing {self.path}: {excerpt(err.strip(), 200) if err.strip() else f'exit code {proc.returncode}'}")
+                why = excerpt(err.strip(), 200) if err.strip() else f"exit code {proc.returncode}"
+                raise ToolError(f"{self.compressor[0]} failed writing {self.path}: {why}")
             os.fsync(self.fd)
         except BaseException:
             if proc.poll() is None:
@@ -422,7 +424,7 @@ class DeltaOutput:
 def open_archive(path: Path) -> tuple[BinaryIO, subprocess.Popen[bytes] | None]:
     """Open a delta for reading, decompressing by its magic bytes (not its name)."""
     try:
-        raw = open(path, "rb")
+        raw = open(path, "rb")  # noqa: SIM115 (returned to the caller, or closed here)
     except OSError as exc:
         raise fs_error(exc, "read the delta", path) from exc
     magic = os.pread(raw.fileno(), 6, 0)  # the file offset stays at 0 for the decompressor

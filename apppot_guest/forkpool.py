@@ -32,7 +32,7 @@ DEPTH = 2  # tasks queued per worker
 class Pending:
     """A task's result, to come."""
 
-    __slots__ = ("worker", "done", "value", "error")
+    __slots__ = ("done", "error", "value", "worker")
 
     def __init__(self, worker: _Worker) -> None:
         self.worker, self.done = worker, False

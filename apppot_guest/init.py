@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -83,7 +83,7 @@ class Layout:
 
 def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
     """Account, job directory, delta, the job, the status record.  Never raises AppPotError."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     jobdir = layout.path(RUN_DIR) / "job"
     rundir = layout.path(RUN_DIR) / "run"
     have_jobdir = False
@@ -132,7 +132,7 @@ def boot(config: BootConfig, layout: Layout, mounter: Mounter) -> Status:
             (log.info if status_dir is not None else log.error)("merge failed: %s", exc)
             return finish(JobResult.failed(Outcome.MERGE_FAILED, str(exc), started))
         except Exception as exc:  # a bug in the merge must still be reported and power off
-            log.error("merge failed: %s", "".join(traceback.format_exception_only(exc)).strip())
+            log.error("merge failed: %s", "".join(traceback.format_exception_only(type(exc), exc)).strip())
             return finish(JobResult.failed(Outcome.MERGE_FAILED, f"internal error: {exc}", started))
 
     try:
@@ -215,7 +215,7 @@ def _interactive(account: Account, env: dict[str, str], layout: Layout, started:
         code = console_session(argv, account, env, layout.console)
     except OSError as exc:
         return JobResult.failed(Outcome.SETUP_FAILED, str(fs_error(exc, "start a session on", layout.console)), started)
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     outcome = Outcome.KILLED if code > 128 else Outcome.EXITED
     return JobResult(outcome, code, code - 128 if code > 128 else None, None, started, finished, (finished - started).total_seconds())
 
@@ -223,7 +223,7 @@ def _interactive(account: Account, env: dict[str, str], layout: Layout, started:
 def _failed_cmdline(raw: bytes, exc: ConfigError, layout: Layout, mounter: Mounter) -> Status:
     """A kernel command line that does not parse (or speaks another protocol): report it where the
     launcher looks, the run's own directory (apppot.rundir) or else the job directory, if one can be found."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     result = JobResult.failed(Outcome.SETUP_FAILED, f"bad kernel command line: {exc}", started)
     status = status_of(result, None, None, None, None, None)
     for name, target in (("rundir", layout.path(RUN_DIR) / "run"), ("jobdir", layout.path(RUN_DIR) / "job")):
@@ -271,8 +271,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="print the parsed kernel command line as JSON and exit")
     parser.add_argument("--cmdline", type=Path, metavar="FILE", help="read the kernel command line from FILE (default: /proc/cmdline)")
     parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR", help="act on the system under DIR (testing; default /)")
-    parser.add_argument("--bind", action="store_true", help="apppot.* paths are local directories to bind-mount, not hostfs paths (testing on a host)")
-    parser.add_argument("--console", type=Path, default=Path("/dev/console"), metavar="TTY", help="the terminal of an interactive session (default /dev/console)")
+    parser.add_argument("--bind", action="store_true",
+                        help="apppot.* paths are local directories to bind-mount, not hostfs paths (testing on a host)")
+    parser.add_argument("--console", type=Path, default=Path("/dev/console"), metavar="TTY",
+                        help="the terminal of an interactive session (default /dev/console)")
     parser.add_argument("--no-poweroff", action="store_true", help="exit with the job's exit code instead of powering off")
     parser.add_argument("-v", "--verbose", action="store_true", help="say what is done")
     parser.add_argument("--debug", action="store_true", help="debug messages and tracebacks")

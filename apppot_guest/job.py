@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -81,7 +81,7 @@ class JobResult:
     @classmethod
     def failed(cls, outcome: Outcome, error: str, started_at: datetime | None = None) -> JobResult:
         """A job that never ran: setup or merge failed."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         start = started_at or now
         return cls(outcome, EXIT_SETUP_FAILED, None, error, start, now, (now - start).total_seconds())
 
@@ -232,7 +232,7 @@ def _signal(proc: object, signum: int) -> None:
 
 def run_job(spec: JobSpec) -> JobResult:
     """Run ``spec.argv`` as ``spec.account``; wait, measure, enforce the timeout."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.monotonic()
     oom_before = _oom_kills()
     was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER)
@@ -295,26 +295,25 @@ def _run(spec: JobSpec, started: datetime, t0: float, oom_before: int) -> JobRes
         log.info("stopping %d process(es) the job left behind", len(leftovers))
         tree.stop(spec.grace)
     tree.reap_all()
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     status = tree.job_status if tree.job_status is not None else 0
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us with wait4: Popen must not wait
-    common = {
-        "started_at": started,
-        "finished_at": finished,
-        "wall_seconds": round(time.monotonic() - t0, 3),
-        "cpu_user_seconds": round(tree.user, 3),
-        "cpu_system_seconds": round(tree.system, 3),
-        "max_rss_kib": tree.max_rss_kib,
-        # The kernel's count of OOM kills rose while the job ran (in the VM only the job runs):
-        # also true when the job survived the loss of one of its processes.
-        "oom_killed": _oom_kills() > oom_before,
-    }
+    wall_seconds = round(time.monotonic() - t0, 3)
+    # The kernel's count of OOM kills rose while the job ran (in the VM only the job runs):
+    # also true when the job survived the loss of one of its processes.
+    oom_killed = _oom_kills() > oom_before
+
+    def result(outcome: Outcome, code: int, signum: int | None, error: str | None) -> JobResult:
+        return JobResult(outcome, code, signum, error, started_at=started, finished_at=finished, wall_seconds=wall_seconds,
+                         cpu_user_seconds=round(tree.user, 3), cpu_system_seconds=round(tree.system, 3),
+                         max_rss_kib=tree.max_rss_kib, oom_killed=oom_killed)
+
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     if timed_out:
-        return JobResult(Outcome.TIMEOUT, EXIT_TIMEOUT, signum, f"timed out after {spec.timeout:g} seconds", **common)
+        return result(Outcome.TIMEOUT, EXIT_TIMEOUT, signum, f"timed out after {spec.timeout:g} seconds")
     if signum is not None:
-        return JobResult(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({_signal_name(signum)})", **common)
-    return JobResult(Outcome.EXITED, os.WEXITSTATUS(status), None, None, **common)
+        return result(Outcome.KILLED, 128 + signum, signum, f"killed by signal {signum} ({_signal_name(signum)})")
+    return result(Outcome.EXITED, os.WEXITSTATUS(status), None, None)
 
 
 def _signal_name(signum: int) -> str:
@@ -325,7 +324,7 @@ def _signal_name(signum: int) -> str:
 
 
 def _never_ran(outcome: Outcome, error: str, started: datetime, t0: float) -> JobResult:
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     code = {Outcome.NOT_FOUND: EXIT_NOT_FOUND, Outcome.NOT_EXECUTABLE: EXIT_NOT_EXECUTABLE}.get(outcome, EXIT_SETUP_FAILED)
     return JobResult(outcome, code, None, error, started, finished, round(time.monotonic() - t0, 3))
 

@@ -48,8 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from . import __version__
-from . import faults
+from . import __version__, faults
 from .atomicfile import create_temp, write_atomic
 from .errors import DeltaError, NoBaseError, fs_error
 
@@ -326,7 +325,7 @@ class BaseRecords:
 def read_records(root: Path) -> BaseRecords:
     path = base_path(root)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 (the records generator reads and closes it)
     except FileNotFoundError:
         raise NoBaseError(f"no base manifest at {path}: record one with 'apppot-snap base'") from None
     except OSError as exc:
@@ -338,8 +337,8 @@ def read_records(root: Path) -> BaseRecords:
     except BaseException:
         f.close()
         raise
-    return BaseRecords(str(meta.get("id", "")), int(meta.get("entries", -1)) if isinstance(meta.get("entries"), int) else -1,  # type: ignore[arg-type]
-                       _records(f, where, meta))
+    entries = meta.get("entries")
+    return BaseRecords(str(meta.get("id", "")), int(entries) if isinstance(entries, int) else -1, _records(f, where, meta))
 
 
 def _records(f: IO[bytes], where: str, meta: dict[str, object]) -> Iterator[tuple[bytes, bytes]]:

@@ -26,16 +26,16 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, cast
 
 from . import faults
 from .atomicfile import lock_quietly, temp_name
+from .confined import Root, set_metadata_at, set_xattrs
 from .delta import HEADER_NAME, DeltaHeader, open_archive, read_header
 from .diff import Op
 from .errors import BaseMismatchError, DeltaError, FsError, Interrupted, NoBaseError, UnsafePathError, display_path, fs_error
-from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, make_dirs_quietly, read_base_id
-from .confined import Root, set_metadata_at, set_xattrs
 from .hashing import CHUNK, hash_zeros
+from .manifest import BASE_DIR, MODE_OF_KIND, Entry, Kind, make_dirs_quietly, read_base_id
 from .tree import Excluder
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Merge:
         if proc:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             if proc.wait() != 0:
-                raise DeltaError(f"{self.delta}: cannot decompress: {err or 'exit code %d' % proc.returncode}")
+                raise DeltaError(f"{self.delta}: cannot decompress: {err or f'exit code {proc.returncode}'}")
 
     def _stage_members(self, tar: tarfile.TarFile) -> None:
         members = iter(tar)
@@ -119,7 +119,8 @@ class Merge:
             base_id = read_base_id(self.root_path)
         except NoBaseError:
             if not self.force:
-                raise NoBaseError(f"no base manifest in {self.root_path / BASE_DIR}: cannot check that {self.delta} fits this image (--force applies it anyway)") from None
+                raise NoBaseError(f"no base manifest in {self.root_path / BASE_DIR}: cannot check that {self.delta} "
+                                  "fits this image (--force applies it anyway)") from None
             base_id = ""
         if base_id != self.header.base_id:
             if not self.force:
@@ -161,7 +162,8 @@ class Merge:
             if op is Op.META and isinstance(item, Entry):
                 st = self.root.lstat(path)
                 if st is None or MODE_OF_KIND[item.kind] != stat.S_IFMT(st.st_mode):
-                    message = f"{self.delta}: changes the metadata of {display_path(path)!r}, which is not a {item.kind.name.lower()} in {self.root_path}"
+                    message = (f"{self.delta}: changes the metadata of {display_path(path)!r}, "
+                               f"which is not a {item.kind.name.lower()} in {self.root_path}")
                     if not self.force:
                         raise DeltaError(message)
                     log.warning("%s", message)
@@ -345,7 +347,8 @@ class Merge:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            raise FsError(f"{self.root_path / os.fsdecode(entry.path)} is on another file system than {self.staging}; merging across file systems is not supported") from None
+            raise FsError(f"{self.root_path / os.fsdecode(entry.path)} is on another file system than {self.staging}; "
+                          "merging across file systems is not supported") from None
         try:  # rename() does nothing when both names are already the same file
             os.unlink(staged, dir_fd=self.staging_fd)
         except FileNotFoundError:
@@ -368,10 +371,11 @@ def member_mismatch(member: tarfile.TarInfo, entry: Entry) -> str:
     return "" if checks[entry.kind] else f"its type or size differs from the header's {entry.kind.name.lower()}"
 
 
-def copy_member(reader: BinaryIO, member: tarfile.TarInfo, fd: int, size: int) -> str:
+def copy_member(reader: IO[bytes], member: tarfile.TarInfo, fd: int, size: int) -> str:
     """Copy a member's content to ``fd`` (-1: only hash it), keeping holes; returns its SHA-256."""
     h = hashlib.sha256()
-    extents = member.sparse if member.sparse is not None else [(0, size)]
+    # tarfile keeps a sparse member's (offset, size) extents in TarInfo.sparse (typeshed: bytes).
+    extents = cast("list[tuple[int, int]]", member.sparse) if member.sparse is not None else [(0, size)]
     raw = reader.raw  # type: ignore[attr-defined]  # tarfile's own file view: seeks forward in a stream
     position = 0
     for start, length in extents:
@@ -409,8 +413,8 @@ def apply_delta(root: Path, delta: Path, *, force: bool = False, dry_run: bool =
         assert merge.header is not None
         plan = describe(merge.header.ops)
         if dry_run:
-            counts = [sum(1 for op, _ in merge.header.ops if op is kind) for kind in (Op.CREATE, Op.META, Op.DELETE)]
-            return MergeReport(*counts, base_id=merge.header.base_id, plan=plan)
+            created, updated, deleted = (sum(1 for op, _ in merge.header.ops if op is kind) for kind in (Op.CREATE, Op.META, Op.DELETE))
+            return MergeReport(created, updated, deleted, base_id=merge.header.base_id, plan=plan)
         faults.reached("staged")
         # Once the root starts to change, Ctrl-C and termination wait until it is done:
         # a merge is applied whole (only SIGKILL or a crash can stop it half-way).

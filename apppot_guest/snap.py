@@ -14,12 +14,11 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
-from . import faults
+from . import __version__, faults
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare, with_read_metadata
 from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line
@@ -217,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         "merge": ("apply a delta archive made against this root's base", cmd_merge),
     }
     for name, (help_text, handler) in actions.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=exit_code_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=exit_code_table(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_common(p, suppress=True)
         p.set_defaults(handler=handler)
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the changes as JSON")
         if name == "changes":
-            p.add_argument("file", nargs="?", metavar="FILE", help=f"the delta to write (.tar.zst, .tar.gz, .tar.xz or .tar; default: ~/job/apppot.DATE.changes{DEFAULT_SUFFIX} when ~/job is mounted, else ./apppot.changes{DEFAULT_SUFFIX})")
+            p.add_argument("file", nargs="?", metavar="FILE",
+                           help=f"the delta to write (.tar.zst, .tar.gz, .tar.xz or .tar; default: ~/job/apppot.DATE.changes"
+                                f"{DEFAULT_SUFFIX} when ~/job is mounted, else ./apppot.changes{DEFAULT_SUFFIX})")
         if name == "merge":
             p.add_argument("file", metavar="FILE", help="the delta to apply")
     return main

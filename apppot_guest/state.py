@@ -59,7 +59,8 @@ class RootLock:
                 holder = self.describe_holders()
                 os.close(self.fd)
                 self.fd = -1
-                raise BusyError(f"{display_path(self.root)} is in use by {holder}; {self.action} did nothing: run it again when that has finished") from None
+                raise BusyError(f"{display_path(self.root)} is in use by {holder}; {self.action} did nothing: "
+                                "run it again when that has finished") from None
             try:  # the last holder removes the file (see release): then this lock is on a dead inode
                 named, held = os.stat(self.path, follow_symlinks=False), os.fstat(self.fd)
                 if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
@@ -62,7 +62,7 @@ FIELDS: tuple[str, ...] = tuple(field.name for field in fields(Status))
 
 def _iso(moment: datetime) -> str:
     """UTC in ISO 8601 with a ``Z``: 2026-11-25T09:30:00.123456Z."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _display_argv(argv: Sequence[str]) -> list[str]:

@@ -22,8 +22,8 @@ import shlex
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, fs_error

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error
 from apppot_guest.proc import run
-
 from . import mkrootfs
 from .build_deb import build as build_deb_from
 
@@ -151,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help=f"Debian mirror (default: {DEFAULT_MIRROR})")
     parser.add_argument("--size", default=DEFAULT_SIZE, help=f"image size, e.g. 4G (default: {DEFAULT_SIZE}; sparse)")
     parser.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT), help=f"image file (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--deb", type=Path, help="the apppot .deb to install (default: build it from this source tree, or the one apppot-host installed in "
-                        f"{INSTALLED_DEBS})")
+    parser.add_argument("--deb", type=Path,
+                        help="the apppot .deb to install (default: build it from this source tree, "
+                             f"or the one apppot-host installed in {INSTALLED_DEBS})")
     parser.add_argument("--packages", nargs="+", default=[], metavar="PKG", help="more Debian packages for the image")
     parser.add_argument("--workdir", type=Path, help="where to make the tree (default: next to --output)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each command")

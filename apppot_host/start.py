@@ -28,9 +28,9 @@ from pathlib import Path
 from apppot_guest import __version__
 from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
 from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, fs_error
-from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size
 from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
 from .uml_launch import EXIT_CHECK_FAILED, EXIT_LAUNCHER, PROG, Disk, Plan, exit_codes_help, launch
+from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size
 
 log = logging.getLogger("apppot-start")
 

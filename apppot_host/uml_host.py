@@ -70,7 +70,7 @@ def uml_tmpdir() -> tuple[str, str]:
     UML takes $TMPDIR when set, else /dev/shm when it is a tmpfs, else /tmp;
     apppot-start sets TMPDIR to the first of those that UML can use.
     """
-    tried = []
+    tried: list[str] = []
     for directory in (os.environ.get("TMPDIR"), "/dev/shm", "/tmp", "/var/tmp"):
         if not directory:
             continue

@@ -15,9 +15,10 @@ import signal
 import sys
 import textwrap
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import cast
 
 from apppot_guest.errors import EXIT_USAGE, AppPotError, display_path, fs_error
 from apppot_guest.job import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT
@@ -127,7 +128,7 @@ def launch(plan: Plan, network: bool) -> int:
 
 
 def run_vm(plan: Plan, network: bool) -> int:
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     remove_stale_status(plan.jobdir)
     tmpdir, why = uml_tmpdir()
     log.info("UML's temporary directory: %s (%s)", tmpdir, why)
@@ -152,7 +153,7 @@ def run_vm(plan: Plan, network: bool) -> int:
                          "into the job directory, where jobs sharing it can overwrite it; rebuild the image\n")
     if found is not None:  # this run's own record: the job ended (even if a signal came after)
         status, raw = found
-        code = int(status["exit_code"])  # type: ignore[arg-type]
+        code = int(cast(int, status["exit_code"]))  # read_status checked that it is an int
         try:
             publish_status(plan.jobdir, raw, code)
         except AppPotError as exc:  # the code is known: a job directory that cannot take its record does not change it

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apppot_guest.atomicfile import write_atomic
@@ -122,7 +122,7 @@ def publish_status(jobdir: Path, raw: bytes, exit_code: int) -> None:
 def stopped_status(signum: int, name: str, command: tuple[str, ...] | None, uid: int | None, gid: int | None,
                    started: datetime) -> Status:
     """The record of a job the launcher stopped on a signal (from the batch system or the user)."""
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     why = "the batch system's time limit or scancel" if signum != 2 else "Ctrl-C"
     return Status(
         exit_code=128 + signum, signal=signum, outcome=str(Outcome.STOPPED),

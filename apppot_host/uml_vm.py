@@ -188,11 +188,11 @@ class Vm:
 
         def pump() -> None:
             nonlocal open_streams
-            for key, _ in sel.select(timeout=0.2) or [(None, None)]:
-                if key is None:
-                    console.flush_partial()
-                    continue
-                data = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
+            ready = sel.select(timeout=0.2)
+            if not ready:
+                console.flush_partial()
+            for key, _ in ready:
+                data = os.read(key.fd, 65536)
                 if not data:
                     sel.unregister(key.fileobj)
                     open_streams -= 1

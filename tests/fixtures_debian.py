@@ -15,10 +15,8 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -37,7 +35,7 @@ SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "usr", "debian")
 def host_tool(module: str, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``python3 -m apppot_host.<module> ARGS`` from this checkout with Debian's python; unless ``check`` is
     false, fail the test with its stderr if it fails."""
-    argv = [PYTHON, "-m", f"apppot_host.{module}", *map(os.fspath, args)]
+    argv = [PYTHON, "-m", f"apppot_host.{module}", *(os.fspath(a) for a in args)]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
                             env={**os.environ, "PYTHONPATH": os.fspath(CHECKOUT)})
     if not check:

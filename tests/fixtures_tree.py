@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_user import require_root
+
 # A file capability (cap_net_bind_service+ep), as setcap writes it: VFS_CAP_REVISION_2.
 CAP_NET_BIND = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
 ODD_NAME = b"odd \n\t name \xff\xfe.bin"  # newline, tab, not UTF-8
@@ -28,6 +30,7 @@ def _xattrs_supported(path: Path) -> bool:
 
 def make_rootfs(root: Path) -> Path:
     """Fill ``root`` with one of everything apppot-snap must carry."""
+    require_root("the tree holds files of other owners and device nodes")
     root.mkdir(parents=True, exist_ok=True)
     for d in ("etc", "usr/bin", "usr/lib/x", "usr/share/doc/pkg", "home/user/src", "var/lib", "empty", "opt/tree/a/b"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -140,6 +143,7 @@ def assert_trees_equal(a: Path, b: Path, ignore: tuple[str, ...] = (), dir_mtime
             if path == b"\0hardlink-groups":
                 diffs.append(f"hardlink groups: {sa[path]} != {sb[path]}")
                 continue
-            which = [f for f, x, y in zip(fields, sa[path], sb[path]) if x != y]
-            diffs.append(f"{path!r}: {', '.join(which)} differ: {[(x, y) for f, x, y in zip(fields, sa[path], sb[path]) if f in which and f != 'content']}")
+            pairs = [(f, x, y) for f, x, y in zip(fields, sa[path], sb[path], strict=True) if x != y]
+            shown = [(x, y) for f, x, y in pairs if f != "content"]
+            diffs.append(f"{path!r}: {', '.join(f for f, _, _ in pairs)} differ: {shown}")
     assert not diffs, "trees differ:\n" + "\n".join(diffs[:20])

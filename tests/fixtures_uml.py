@@ -169,7 +169,7 @@ def uml_jobdir(uml_user: Account) -> Iterator[Path]:
 def as_user(user: Account, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
     """``argv`` run as ``user`` with a clean login-like environment."""
     return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--reset-env",
-            *map(os.fspath, argv)]
+            *(os.fspath(a) for a in argv)]
 
 
 @pytest.fixture

@@ -18,6 +18,12 @@ import pytest
 from apppot_guest.account import Account
 
 
+def require_root(why: str) -> None:
+    """Skip the running test, saying ``why`` it needs root, unless it runs as root (as CI runs the suite)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {why}")
+
+
 def free_id(start: int = 23000) -> int:
     """A number that is neither a uid nor a gid on this machine, drawn at random above ``start``: two test
     runs on one machine (two checkouts) must not pick the same one, since each kills its ids' processes
@@ -41,8 +47,7 @@ def shared_tmp() -> Iterator[Path]:
 @contextlib.contextmanager
 def temporary_user(prefix: str, home: Path) -> Iterator[Account]:
     """A real account with its own group and its home at ``home``; removed, with its processes, afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a temporary user")
+    require_root("it creates a temporary user")
     ident = free_id()
     name = f"{prefix}{ident}"
     subprocess.run(["groupadd", "--gid", str(ident), name], check=True)

@@ -12,11 +12,12 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
-def snap(*args: object, env: dict[str, str] | None = None, check: int | None = 0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def snap(*args: str | os.PathLike[str], env: dict[str, str] | None = None, check: int | None = 0,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``apppot-snap ARGS``; assert the exit code is ``check`` (None: any)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1", **(env or {})}
     result = subprocess.run(
-        [PYTHON, "-m", "apppot_guest.snap", *map(os.fspath, args)],
+        [PYTHON, "-m", "apppot_guest.snap", *(os.fspath(a) for a in args)],
         capture_output=True, text=True, env=full_env, cwd=cwd or REPO, stdin=subprocess.DEVNULL, check=False,
     )
     if check is not None:

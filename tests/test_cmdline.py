@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from apppot_guest import __version__
 from apppot_guest.cmdline import (
     CMDFILE_NAME,
     MAX_CMDLINE,
@@ -24,7 +25,6 @@ from apppot_guest.cmdline import (
     split_cmdline,
 )
 from apppot_guest.errors import ConfigError
-from apppot_guest import __version__
 
 UML_WORDS = ["ubd0=/srv/base.img", "mem=512M", "con0=fd:0,fd:1", "con=null", "hostfs=/scratch/job 1", "root=/dev/ubda"]
 

@@ -12,19 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from apppot_guest.account import read_defaults
+from apppot_host import build_image
 from fixtures_debian import (
     CHECKOUT,
     IMAGE_PACKAGES,
     PYTHON,
     bump_version,
+    host_tool,
     in_tree,
     mkrootfs,
-    host_tool,
     source_version,
 )
-
-from apppot_guest.account import read_defaults
-from apppot_host import build_image
+from fixtures_user import require_root
 
 VERSION = source_version()
 DEB_VERSION = f"{VERSION}-1"
@@ -117,7 +118,7 @@ def test_control_fields(apppot_deb: Path) -> None:
     assert deb_field(apppot_deb, "Architecture") == "all"
     assert deb_field(apppot_deb, "Section") == "admin"
     depends = dependency_names(deb_field(apppot_deb, "Depends"))
-    assert REQUIRED_DEPENDS <= depends, f"missing from Depends: {sorted(REQUIRED_DEPENDS - depends)}"
+    assert depends >= REQUIRED_DEPENDS, f"missing from Depends: {sorted(REQUIRED_DEPENDS - depends)}"
     assert not any(name.startswith("linux-image") for name in depends)
     assert "systemd-sysv" in dependency_names(deb_field(apppot_deb, "Recommends"))
 
@@ -254,9 +255,9 @@ def test_reconfigure_is_idempotent_and_handles_inittab(installed_tree: Path, tre
     watched = ["etc/passwd", "etc/group", "etc/shadow", "etc/sudoers.d/apppot", "var/lib/apppot/console-masked"]
     with mkrootfs.chroot_session(root):
         in_tree(root, "dpkg-reconfigure", "-fnoninteractive", "apppot")
-        first = {p: (root / p).read_bytes() for p in watched + ["etc/inittab"]}
+        first = {p: (root / p).read_bytes() for p in [*watched, "etc/inittab"]}
         in_tree(root, "dpkg-reconfigure", "-fnoninteractive", "apppot")
-    assert {p: (root / p).read_bytes() for p in watched + ["etc/inittab"]} == first
+    assert {p: (root / p).read_bytes() for p in [*watched, "etc/inittab"]} == first
     inittab = (root / "etc/inittab").read_text().splitlines()
     assert inittab[2] == "#AppPot#1:2345:respawn:/sbin/getty --noclear 38400 tty1"
     assert inittab[3] == "#AppPot#2:23:respawn:/sbin/getty 38400 tty2"
@@ -392,6 +393,7 @@ def _script(name: str, *args: str | os.PathLike[str]) -> subprocess.CompletedPro
 
 
 def test_mkrootfs_refuses_a_non_empty_target(tmp_path: Path) -> None:
+    require_root("mkrootfs checks that it runs as root before its arguments")
     (tmp_path / "something").write_text("x")
     result = _script("mkrootfs", tmp_path, "--packages", "hello")
     assert result.returncode == 2
@@ -407,6 +409,7 @@ def test_mkrootfs_refuses_a_non_empty_target(tmp_path: Path) -> None:
     ],
 )
 def test_mkrootfs_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    require_root("mkrootfs checks that it runs as root before its arguments")
     result = _script("mkrootfs", tmp_path / "root", *args)
     assert (result.returncode, result.stderr) == (2, f"mkrootfs: error: {message}\n")
     assert not (tmp_path / "root").exists()

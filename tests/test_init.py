@@ -11,12 +11,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fixtures_user import free_id, shared_tmp  # noqa: F401
 
 from apppot_guest.cmdline import BootConfig, fit_kernel_args
 from apppot_guest.status import read_exitcode, read_status
+from fixtures_user import free_id, require_root, shared_tmp  # noqa: F401
 
 PY = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parent.parent
@@ -42,8 +43,9 @@ def make_root(base: Path, ident: int) -> Path:
 
 
 @pytest.fixture
-def scratch(shared_tmp: Path) -> Iterator[tuple[Path, Path, int]]:  # noqa: F811
+def scratch(shared_tmp: Path) -> Iterator[tuple[Path, Path, int]]:
     """(root, jobdir, id): a scratch root and a job directory owned by the job's future uid."""
+    require_root("the scratch root gets the host's account files (shadow) and job accounts")
     base = Path(tempfile.mkdtemp(prefix="boot-", dir=shared_tmp))
     base.chmod(0o755)
     ident = free_id(24000)
@@ -124,7 +126,7 @@ def test_boot_runs_the_job_as_the_user_and_records_its_status(scratch: tuple[Pat
     assert lines == ["from the host", f"{home} {NAME} {home}/job", str(ident), "a b|$HOME||"]
     st = (jobdir / "output.txt").stat()
     assert (st.st_uid, st.st_gid) == (ident, ident)
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert read_exitcode(jobdir) == 7
     assert status["exit_code"] == 7 and status["outcome"] == "exited" and status["signal"] is None and status["error"] is None
     assert status["command"] == list(argv)
@@ -151,7 +153,7 @@ def test_boot_with_another_uid_moves_the_account_and_reuses_a_group(scratch: tup
     os.chown(jobdir, other, 100)
     out = boot(root, BootConfig(argv=("sh", "-c", "id -u; id -g; touch f"), jobdir=os.fspath(jobdir), uid=other, gid=100).kernel_args())
     assert out.returncode == 0, out.stderr
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["user"], status["uid"], status["gid"]) == (NAME, other, 100)  # gid 100 is the existing group 'users'
     assert (jobdir / "f").stat().st_uid == other
     assert (root / "home" / NAME).stat().st_uid == other
@@ -202,7 +204,7 @@ def test_boot_reports_every_job_outcome(scratch: tuple[Path, Path, int], argv: t
     root, jobdir, ident = scratch
     out = boot(root, BootConfig(argv=argv, jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args())
     assert out.returncode == code, out.stderr
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["exit_code"], status["outcome"]) == (code, outcome)
     assert read_exitcode(jobdir) == code
 
@@ -213,7 +215,7 @@ def test_a_bad_delta_is_merge_failed_and_the_job_does_not_run(scratch: tuple[Pat
     config = BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir), changes=os.fspath(jobdir / "changes.tar"), uid=ident, gid=ident)
     out = boot(root, config.kernel_args())
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["outcome"], status["exit_code"]) == ("merge-failed", 125)
     assert status["error"] and "\n" not in status["error"]
     assert not (jobdir / "ran").exists()
@@ -224,7 +226,7 @@ def test_a_missing_delta_is_merge_failed(scratch: tuple[Path, Path, int]) -> Non
     root, jobdir, ident = scratch
     config = BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir), changes=os.fspath(jobdir / "nope.tar"), uid=ident, gid=ident)
     assert boot(root, config.kernel_args()).returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["outcome"] == "merge-failed" and "no such file" in status["error"]
     assert not (jobdir / "ran").exists()
 
@@ -251,7 +253,7 @@ def test_a_bad_command_line_is_setup_failed_in_the_job_directory(scratch: tuple[
     root, jobdir, _ident = scratch
     out = boot(root, ["apppot.cmd=true", "apppot.uid=abc", f"apppot.jobdir={BootConfig(jobdir=os.fspath(jobdir)).kernel_args()[0].split('=', 1)[1]}"])
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert (status["outcome"], status["exit_code"]) == ("setup-failed", 125)
     assert status["error"] == "bad kernel command line: apppot.uid=abc: not a number"
     assert "apppot-init: apppot.uid=abc: not a number" in out.stderr
@@ -261,7 +263,7 @@ def test_a_missing_command_file_is_setup_failed(scratch: tuple[Path, Path, int])
     root, jobdir, ident = scratch
     out = boot(root, BootConfig(cmdfile="apppot.argv", jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args())
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["outcome"] == "setup-failed" and "apppot.argv" in status["error"]
 
 
@@ -286,8 +288,9 @@ def test_nothing_happens_while_dpkg_runs(scratch: tuple[Path, Path, int]) -> Non
 
 
 def test_init_needs_root() -> None:
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "apppot_guest.init", "--no-poweroff"],
+        [*as_nobody, PY, "-m", "apppot_guest.init", "--no-poweroff"],
         capture_output=True, text=True, env=ENV, cwd=REPO, check=False,
     )
     assert out.returncode == 2 and out.stderr == "apppot-init: error: must run as root (it is the boot hook)\n"
@@ -305,7 +308,7 @@ def test_as_pid_1_in_a_pid_namespace(scratch: tuple[Path, Path, int]) -> None:
     argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private",
             PY, "-m", "apppot_guest.init", "--root", str(root), "--bind", "--cmdline", str(cmdline)]
     out = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300, check=False)
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["exit_code"] == 5, out.stderr
     assert status["max_rss_kib"] < 100 * 1024, "measured processes outside the job's tree"
     assert out.returncode in (-2, 128 + 2), out.stderr  # SIGINT from reboot(RB_POWER_OFF) in the namespace
@@ -357,7 +360,8 @@ def test_the_init_script_runs_apppot_init(scratch: tuple[Path, Path, int]) -> No
     is the checkout's apppot-init with the scratch-root options (an overlay), /run/systemd is hidden."""
     root, jobdir, ident = scratch
     cmdline = root.parent / "cmdline"
-    cmdline.write_text(" ".join(BootConfig(argv=("sh", "-c", "echo ran > ran; exit 6"), jobdir=os.fspath(jobdir), uid=ident, gid=ident).kernel_args()))
+    config = BootConfig(argv=("sh", "-c", "echo ran > ran; exit 6"), jobdir=os.fspath(jobdir), uid=ident, gid=ident)
+    cmdline.write_text(" ".join(config.kernel_args()))
     hook = root.parent / "apppot-init"
     hook.write_text(f'#!/bin/sh\nexec {PY} -m apppot_guest.init --root "{root}" --bind --no-poweroff --cmdline "{cmdline}"\n')
     hook.chmod(0o755)
@@ -412,7 +416,7 @@ def test_bad_defaults_file_is_setup_failed(scratch: tuple[Path, Path, int]) -> N
     (root / "etc/default/apppot").write_text("APPPOT_UID=lots\n")
     out = boot(root, BootConfig(argv=("touch", "ran"), jobdir=os.fspath(jobdir)).kernel_args())
     assert out.returncode == 125
-    status = read_status(jobdir)
+    status: dict[str, Any] = read_status(jobdir)
     assert status["outcome"] == "setup-failed" and "etc/default/apppot" in status["error"]
     assert not (jobdir / "ran").exists()
 

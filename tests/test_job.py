@@ -9,10 +9,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fixtures_user import job_dir, job_user, shared_tmp  # noqa: F401
 
 from apppot_guest.account import Account, login_env
 from apppot_guest.job import JobResult, JobSpec, Outcome, run_job
+from fixtures_user import job_dir, job_user, shared_tmp  # noqa: F401
 
 PY = "/usr/bin/python3"
 
@@ -20,7 +20,8 @@ PY = "/usr/bin/python3"
 def run(account: Account, cwd: Path, *argv: str, timeout: float | None = None, grace: float = 1.0) -> tuple[JobResult, str]:
     out = cwd.parent / f"{cwd.name}.out"
     with open(out, "wb") as sink:
-        spec = JobSpec(tuple(argv), cwd, account, login_env(account, "xterm"), timeout=timeout, grace=grace, stdout=sink.fileno(), stderr=sink.fileno())
+        spec = JobSpec(tuple(argv), cwd, account, login_env(account, "xterm"), timeout=timeout, grace=grace,
+                       stdout=sink.fileno(), stderr=sink.fileno())
         result = run_job(spec)
     return result, out.read_text(errors="replace")
 

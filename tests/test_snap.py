@@ -98,7 +98,7 @@ def test_excluded_paths_never_appear(pair: tuple[Path, Path], tmp_path: Path) ->
     extra.write_text("# comment\n/opt/tr*\n")
     (root / "opt/tree/new").write_text("x")
     lines = snap("--root", root, "status", "--exclude-from", extra).stdout.splitlines()
-    assert not [l for l in lines if any(x in l for x in ("/tmp", "/proc", "/var/log", "/home/user/job", "/var/cache/apt", "/opt/tree"))]
+    assert not [line for line in lines if any(x in line for x in ("/tmp", "/proc", "/var/log", "/home/user/job", "/var/cache/apt", "/opt/tree"))]
     assert "A /home/user/job" not in lines
 
 

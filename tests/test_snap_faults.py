@@ -114,14 +114,15 @@ def make_delta(source: Path, delta: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_a_second_merge_is_refused_while_one_runs(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    root, pristine = pair
+    _, pristine = pair
     one = make_delta(copy_tree(pristine, tmp_path / "one"), tmp_path / "one.tar", {f"etc/one{i}": b"1" * i for i in range(20)})
     two = make_delta(copy_tree(pristine, tmp_path / "two"), tmp_path / "two.tar", {f"etc/two{i}": b"2" * i for i in range(20)})
     target = copy_tree(pristine, tmp_path / "target")
     with paused(tmp_path, "staged", "--root", target, "merge", one) as first:
         second = snap("--root", target, "merge", two, check=BusyError.exit_code)
         assert_one_error_line(second, str(target), f"apppot-snap merge (pid {first.pid})", "did nothing")
-        for action in (["base"], ["status"], ["changes", tmp_path / "d.tar"]):  # nobody else either
+        actions: list[list[str | Path]] = [["base"], ["status"], ["changes", tmp_path / "d.tar"]]
+        for action in actions:  # nobody else either
             assert_one_error_line(snap("--root", target, *action, check=BusyError.exit_code), f"pid {first.pid}")
     assert first.returncode == 0, first.stderr
     assert_trees_equal(target, tmp_path / "one", ignore=IGNORE)
@@ -376,7 +377,8 @@ def test_a_closed_stdout_ends_quietly(pair: tuple[Path, Path]) -> None:
     # A pipe already closed before the first write: the same, for certain.
     read_end, write_end = os.pipe()
     os.close(read_end)
-    result = subprocess.run([PYTHON, "-m", "apppot_guest.snap", "--root", root, "status"], env=ENV, stdout=write_end, stderr=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run([PYTHON, "-m", "apppot_guest.snap", "--root", root, "status"], env=ENV, stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, check=False)
     os.close(write_end)
     assert result.returncode == 128 + signal.SIGPIPE and result.stderr == ""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from apppot_guest.errors import FsError
 from apppot_guest.job import JobResult, Outcome
 from apppot_guest.status import EXITCODE_FILE, FIELDS, STATUS_FILE, read_exitcode, read_status, status_of, write_status
 
-T0 = datetime(2026, 11, 25, 9, 30, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 25, 9, 30, 0, 123456, tzinfo=UTC)
 
 
 def a_status(code: int = 7, argv: tuple[str, ...] = ("python3", "run.py", "a b")):
@@ -115,9 +115,9 @@ def test_a_bad_status_file_is_refused(tmp_path: Path, content: str) -> None:
 
 
 def test_missing_status_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FsError, match="apppot.status.json"):
+    with pytest.raises(FsError, match=r"apppot\.status\.json"):
         read_status(tmp_path)
-    with pytest.raises(FsError, match="apppot.exitcode"):
+    with pytest.raises(FsError, match=r"apppot\.exitcode"):
         read_exitcode(tmp_path)
 
 

@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_roundtrip_property import apply
 
-import legacy_snap
 from apppot_guest import snap
 from apppot_guest.diff import Diff, Op, compare
 from apppot_guest.errors import DeltaError
 from apppot_guest.manifest import Entry, Kind, base_path, load_base, read_records
 from apppot_guest.tree import Excluder, walk
 from apppot_guest.workers import Workers
+import legacy_snap
 from fixtures_tree import make_rootfs
 from mutations import mutate_everything
 from snaphelp import snap as run_snap
-from test_roundtrip_property import apply
 
 # Names around '/' in byte order: "a" < "a b" < "a-b" < "a.c" < "a/..." < "a0" < "ab"; "\x01" sorts first of all.
 ODD_ORDER = ["a", "a/b", "a/b/c", "a b", "a-b", "a-b/c", "a.c", "a0", "ab", "a\x01", "a\x01/x", "b/a-b", "b/a/b", "b/a.b/c"]
@@ -113,7 +113,7 @@ def test_a_manifest_out_of_order_or_corrupt_is_refused(rootfs: Path) -> None:
     path = base_path(rootfs)
     lines = path.read_bytes().split(b"\n")
     body = lines[2:-1]
-    path.write_bytes(b"\n".join(lines[:2] + [body[1], body[0], *body[2:]]) + b"\n")  # same ID, wrong order
+    path.write_bytes(b"\n".join([*lines[:2], body[1], body[0], *body[2:]]) + b"\n")  # same ID, wrong order
     assert "not sorted" in run_snap("--root", rootfs, "status", check=DeltaError.exit_code).stderr
     path.write_bytes(b"\n".join(lines[:2] + body[:-1]) + b"\n")  # one entry short
     assert "corrupt" in run_snap("--root", rootfs, "status", check=DeltaError.exit_code).stderr
@@ -140,7 +140,8 @@ op_st = st.one_of(
 @pytest.fixture(scope="module")
 def odd_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_rootfs(tmp_path_factory.mktemp("odd") / "root")
-    for op in [("write", p, p.encode("utf-8", "surrogateescape")) for p in ("a-b", "a.c", "a0", "etc/x-y")] + [("write", "a/b/c", b"c"), ("write", "etc/x/y", b"y")]:
+    odd = [("write", p, p.encode("utf-8", "surrogateescape")) for p in ("a-b", "a.c", "a0", "etc/x-y")]
+    for op in [*odd, ("write", "a/b/c", b"c"), ("write", "etc/x/y", b"y")]:
         apply(root, op)
     assert snap.main(["--root", str(root), "base"]) == 0
     return root

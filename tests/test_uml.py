@@ -56,7 +56,7 @@ def test_exit_codes_reach_the_launcher(start_job: Start, uml_jobdir: Path, uml_u
     result = start_job(uml_jobdir, *prog, options=options)
     assert result.returncode == code, result.stderr
     record = status(uml_jobdir)
-    assert STATUS_FIELDS <= set(record), sorted(STATUS_FIELDS - set(record))
+    assert set(record) >= STATUS_FIELDS, sorted(STATUS_FIELDS - set(record))
     assert record["exit_code"] == code and record["outcome"] == outcome
     assert record["command"] == prog
     assert (record["uid"], record["gid"]) == (uml_user.uid, uml_user.gid)
@@ -128,7 +128,7 @@ def test_four_jobs_at_once_on_one_read_only_base(uml_user: Account, apppot_image
         procs.append((n, jobdir, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                                   stderr=subprocess.PIPE, text=True)))
     for n, jobdir, proc in procs:
-        out, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=600)
         assert proc.returncode == 10 + n, err
         assert (jobdir / "out.txt").read_text() == f"job {n}\n"
     leftovers = run_dirs(uml_user.uid)

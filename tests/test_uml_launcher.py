@@ -22,7 +22,7 @@ NASTY_ARGV = ["printf", "%s\n", "two words", "quote\"s", "it's", "$HOME", "", "Ã
 
 def launcher(*args: str | os.PathLike[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **(env or {})}
-    return subprocess.run([PYTHON, LAUNCHER, *map(os.fspath, args)], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+    return subprocess.run([PYTHON, LAUNCHER, *(os.fspath(a) for a in args)], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=False)
 
 

@@ -6,8 +6,9 @@ import json
 import os
 import signal
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,9 +92,9 @@ def test_bases_are_shared_and_a_base_in_use_cannot_be_written_in_place(tmp_path:
 
 
 def test_the_stopped_record_has_every_field_and_says_why(tmp_path: Path) -> None:
-    started = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    started = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     record = uml_run.stopped_status(signal.SIGTERM, "SIGTERM", ("sh", "-c", "sleep 300"), 1000, 1000, started)
-    data = record.to_json()
+    data: dict[str, Any] = record.to_json()
     assert set(data) == set(FIELDS)
     assert (data["exit_code"], data["signal"], data["outcome"]) == (143, 15, "stopped")
     assert "apppot-start got SIGTERM (the batch system's time limit or scancel) at 20" in data["error"]
