@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .account import Account, ensure_account, login_env, requested_account
+from .cli import as_error, report, setup_logging
 from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_path
 from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
@@ -350,11 +351,7 @@ def cmd_boot(args: Options, pid1: bool) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     pid1 = os.getpid() == 1
     args, extra = parse_options(sys.argv[1:] if argv is None else argv, pid1)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
-        format=f"{PROG}: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(PROG, verbose=args.verbose, debug=args.debug)
     if extra:
         log.warning("ignoring arguments %s", " ".join(extra))
     if args.print_config:
@@ -362,26 +359,22 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_print_config(args)
         except AppPotError as exc:
             if args.debug:
-                raise
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+                traceback.print_exc()
+            report(PROG, exc)
             return exc.exit_code
     if os.geteuid() != 0:
-        print(f"{PROG}: error: {UsageError('must run as root (it is the boot hook)')}", file=sys.stderr)
+        report(PROG, UsageError("must run as root (it is the boot hook)"))
         return UsageError.exit_code
     code: int | None = EXIT_SETUP_FAILED
     try:
         code = cmd_boot(args, pid1)
         if code is None and not pid1:
             return 0
-    except AppPotError as exc:
-        if args.debug:
+    except Exception as exc:  # AppPot's errors, and bugs: report them and still power off, so the VM cannot hang
+        error = as_error(exc)
+        if args.debug or (pid1 and not isinstance(exc, AppPotError)):
             traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-    except Exception as exc:  # a bug: report it and still power off, so the VM cannot hang
-        if args.debug or pid1:
-            traceback.print_exc()
-        else:
-            print(f"{PROG}: error: internal error: {exc!r} (--debug shows where)", file=sys.stderr)
+        report(PROG, error)
     except BaseException:  # as PID 1 nothing may escape (KeyboardInterrupt, SystemExit)
         if not pid1:
             raise
@@ -393,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         power_off(args.root, pid1)
     except AppPotError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        report(PROG, exc)
     return code
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -11,7 +10,6 @@ import logging
 import os
 import pwd
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -19,9 +17,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, faults
+from .cli import run_main
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare, with_read_metadata
-from .errors import AppPotError, Interrupted, UsageError, display_path, exit_code_table, one_line
+from .errors import UsageError, display_path, exit_code_table
 from .manifest import KEY_SIZE, BaseRecords, BaseWriter, base_path, read_records
 from .state import RootLock, recover, remove_leftover
 from .tree import Excluder, Item, walk
@@ -274,51 +273,23 @@ WRITERS = ("base", "merge")
 
 
 def run_command(argv: list[str] | None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        print(f"{PROG}: error: {one_line(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    logging.basicConfig(
-        format=f"{PROG}: %(levelname)s: %(message)s",
-        level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
-    )
-    args.progress = True
-    if not args.root.is_dir():
-        print(f"{PROG}: error: the root {display_path(args.root)} is not a directory", file=sys.stderr)
-        return UsageError.exit_code
-    writer = args.action in WRITERS and not args.just_print
-    lock = RootLock(args.root, args.action, exclusive=writer)
-    try:
-        if argv is None:
-            maybe_sudo(args)
-        if lock.acquire(create=writer):
-            recover(args.root)  # what dead runs left in var/lib/apppot, before anything else
-        code = int(args.handler(args))
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        # stdout was closed early (apppot-snap status | head): end quietly, as other tools do
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        error: AppPotError = Interrupted("interrupted")
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        error = exc
-    except OSError as exc:
-        if args.debug:
-            raise
-        error = AppPotError(f"{exc.strerror or exc}" + (f": {display_path(exc.filename)}" if exc.filename else ""))
-    finally:
-        lock.release()
-    print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
-    return error.exit_code
+    def locked(args: argparse.Namespace) -> int:
+        """The action, holding the root's lock (shared to read, exclusive to write)."""
+        args.progress = True
+        if not args.root.is_dir():
+            raise UsageError(f"the root {display_path(args.root)} is not a directory")
+        writer = args.action in WRITERS and not args.just_print
+        lock = RootLock(args.root, args.action, exclusive=writer)
+        try:
+            if argv is None:
+                maybe_sudo(args)
+            if lock.acquire(create=writer):
+                recover(args.root)  # what dead runs left in var/lib/apppot, before anything else
+            return int(args.handler(args))
+        finally:
+            lock.release()
+
+    return run_main(PROG, build_parser(), argv, handler=locked)
 
 
 if __name__ == "__main__":

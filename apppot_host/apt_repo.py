@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from apppot_guest.errors import AppPotError, UsageError, fs_error
+from apppot_guest.cli import add_output_options, run_main
+from apppot_guest.errors import UsageError, fs_error
 from apppot_guest.proc import run
 
 log = logging.getLogger("apt-repo")
@@ -76,27 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("repo", type=Path, metavar="DIR", help="the repository directory (created if missing)")
     parser.add_argument("debs", type=Path, nargs="*", metavar="FILE.deb", help="packages to add")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=f"{PROG}: %(message)s")
+    add_output_options(parser)
+    return run_main(PROG, parser, argv, default_level=logging.INFO, handler=cmd_add)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    for deb in args.debs:
+        if not deb.is_file() or deb.suffix != ".deb":
+            raise UsageError(f"not a .deb file: {deb}")
+    if args.repo.exists() and not args.repo.is_dir():
+        raise UsageError(f"{args.repo} is not a directory")
     try:
-        for deb in args.debs:
-            if not deb.is_file() or deb.suffix != ".deb":
-                raise UsageError(f"not a .deb file: {deb}")
-        if args.repo.exists() and not args.repo.is_dir():
-            raise UsageError(f"{args.repo} is not a directory")
-        try:
-            args.repo.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise fs_error(exc, "create", args.repo) from exc
-        add_debs(args.repo, args.debs)
-        count = write_index(args.repo)
-        log.info("%s lists %d package(s)", args.repo / "Packages", count)
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        args.repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fs_error(exc, "create", args.repo) from exc
+    add_debs(args.repo, args.debs)
+    count = write_index(args.repo)
+    log.info("%s lists %d package(s)", args.repo / "Packages", count)
     return 0
 
 

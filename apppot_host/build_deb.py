@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, fs_error
+from apppot_guest.cli import add_output_options, run_main
+from apppot_guest.errors import ConfigError, ToolError, UsageError, fs_error
 from apppot_guest.proc import run
 
 log = logging.getLogger("build-deb")
@@ -173,27 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", type=Path, default=repo / "out" / "linux",
                         help="the UML kernel apppot-host ships (default: out/linux)")
     parser.add_argument("--keep", action="store_true", help="keep the staging directory")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the build output")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=f"{PROG}: %(message)s")
-    try:
-        if not args.source.is_dir():
-            raise UsageError(f"source tree {args.source} is not a directory")
-        if args.host:
-            check_kernel(args.kernel)
-        debs = [build(args.source.resolve(), args.out.resolve(), keep=args.keep, verbose=args.verbose)]
-        if args.host:
-            debs.append(build_host(args.source.resolve(), args.out.resolve(), debs[0], args.kernel.resolve(),
-                                   keep=args.keep, verbose=args.verbose))
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+    add_output_options(parser)  # -v also shows the build tools' output
+    return run_main(PROG, parser, argv, default_level=logging.INFO, handler=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if not args.source.is_dir():
+        raise UsageError(f"source tree {args.source} is not a directory")
+    if args.host:
+        check_kernel(args.kernel)
+    verbose = args.verbose or args.debug
+    debs = [build(args.source.resolve(), args.out.resolve(), keep=args.keep, verbose=verbose)]
+    if args.host:
+        debs.append(build_host(args.source.resolve(), args.out.resolve(), debs[0], args.kernel.resolve(),
+                               keep=args.keep, verbose=verbose))
     for deb in debs:
         print(deb)
     return 0

@@ -27,7 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error
+from apppot_guest.cli import add_output_options, run_main
+from apppot_guest.errors import ToolError, UsageError, fs_error
 from apppot_guest.proc import run
 from . import mkrootfs
 from .build_deb import build as build_deb_from
@@ -155,14 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
                              f"or the one apppot-host installed in {INSTALLED_DEBS})")
     parser.add_argument("--packages", nargs="+", default=[], metavar="PKG", help="more Debian packages for the image")
     parser.add_argument("--workdir", type=Path, help="where to make the tree (default: next to --output)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each command")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    add_output_options(parser)  # -v: each command it runs
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=f"{PROG}: %(message)s")
+    return run_main(PROG, build_parser(), argv, default_level=logging.INFO, handler=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
     tree_parent: Path | None = None
     try:
         if os.geteuid() != 0:
@@ -186,16 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         record_base(tree)
         write_image(tree, output, args.size)
         return 0
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {fs_error(exc, 'write', exc.filename or '?')}", file=sys.stderr)
-        return 8
     finally:
         if tree_parent is not None:
             step("removing the work tree %s", tree_parent)

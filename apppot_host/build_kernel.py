@@ -33,7 +33,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from apppot_guest.atomicfile import write_atomic
-from apppot_guest.errors import AppPotError, ConfigError, ToolError, UsageError, display_path, fs_error
+from apppot_guest.cli import add_output_options, run_main
+from apppot_guest.errors import ConfigError, ToolError, UsageError, display_path, fs_error
 from apppot_guest.proc import run
 
 log = logging.getLogger("build-kernel")
@@ -219,42 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel make jobs")
     parser.add_argument("--force", action="store_true", help="build even when the cache has this kernel")
     parser.add_argument("--print-key", action="store_true", help="print the cache key and build nothing")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format=f"{PROG}: %(message)s")
-    try:
-        if args.jobs < 1:
-            raise UsageError(f"--jobs {args.jobs}: not a positive number")
-        cache = default_cache_dir()
-        key = cache_key(SOURCE_VERSION)
-        if args.print_key:
-            print(key)
-            return 0
-        entry = cache / key
-        with locked(cache):
-            if args.force and entry.exists():
-                shutil.rmtree(entry)
-            if not (entry / "linux").is_file():
-                build_into_cache(cache, entry, args.jobs)
-        install(entry, args.output)
-        print(os.fspath(args.output))
+    # Quiet when the kernel is cached (make check runs this every time); a build says what it does.
+    return run_main(PROG, build_parser(), argv, default_level=logging.WARNING, handler=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: not a positive number")
+    cache = default_cache_dir()
+    key = cache_key(SOURCE_VERSION)
+    if args.print_key:
+        print(key)
         return 0
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return exc.exit_code
-    except OSError as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"{PROG}: error: {fs_error(exc, 'use', exc.filename or '?')}\n")
-        return 8
-    except KeyboardInterrupt:
-        return 130
+    entry = cache / key
+    with locked(cache):
+        if args.force and entry.exists():
+            shutil.rmtree(entry)
+        if not (entry / "linux").is_file():
+            build_into_cache(cache, entry, args.jobs)
+    install(entry, args.output)
+    print(os.fspath(args.output))
+    return 0
 
 
 if __name__ == "__main__":

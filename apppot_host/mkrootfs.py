@@ -32,7 +32,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from apppot_guest.errors import AppPotError, ToolError, UsageError, fs_error
+from apppot_guest.cli import add_output_options, run_main
+from apppot_guest.errors import ToolError, UsageError, fs_error
 from apppot_guest.proc import run
 
 log = logging.getLogger("mkrootfs")
@@ -303,24 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="local .deb files to install last (their dependencies come from Debian)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache (default: $APPPOT_CACHE or ~/.cache/apppot)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each command")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if (args.debug or args.verbose) else logging.INFO
-    logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
-    try:
-        security = None if args.no_updates else args.security_mirror
-        cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-        make_tree(args.dir, suite=args.suite, mirror=args.mirror, security=security, packages=args.packages,
-                  debs=args.debs, cache=cache)
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+    add_output_options(parser)  # -v: each command it runs
+    return run_main(PROG, parser, argv, default_level=logging.INFO, handler=cmd_make)
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    security = None if args.no_updates else args.security_mirror
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    make_tree(args.dir, suite=args.suite, mirror=args.mirror, security=security, packages=args.packages,
+              debs=args.debs, cache=cache)
     return 0
 
 

@@ -26,8 +26,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from apppot_guest import __version__
+from apppot_guest.cli import add_output_options, run_main
 from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
-from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, fs_error
+from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path
 from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
 from .uml_launch import EXIT_CHECK_FAILED, EXIT_LAUNCHER, PROG, Disk, Plan, exit_codes_help, launch
 from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size
@@ -338,22 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the UML command as a JSON array and boot nothing")
     parser.add_argument("--check", action="store_true", help="check this host: which kernel, image, network helper and "
                         "temporary directory a job would use and why, then boot `true`; exit 0 only when a job would run")
-    parser.add_argument("-v", "--verbose", action="store_true", help="say what is done; UML's own messages on stderr")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    add_output_options(parser)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="PROG ARGS", help="the job's command")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_main(PROG, build_parser(), argv, failure_code=failure_code, handler=cmd_start)
+
+
+def failure_code(error: AppPotError) -> int:
+    """apppot-start's own failures: 2 for bad usage (nothing was started), else 125 (as docker run)."""
+    return error.exit_code if isinstance(error, UsageError) else EXIT_LAUNCHER
+
+
+def cmd_start(args: argparse.Namespace) -> int:
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format=f"{PROG}: %(message)s",
-    )
     run_dir: Path | None = None
     try:
         run_dir = Path(tempfile.mkdtemp(prefix="apppot-run-"))
@@ -379,16 +382,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if throwaway:
                 sys.stderr.write(f"\n{PROG}: the session's changes to {display_path(plan.image)} were thrown away "
                                  "(a per-run copy-on-write file); see above for how to keep them next time\n")
-    except AppPotError as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return exc.exit_code if isinstance(exc, UsageError) else EXIT_LAUNCHER
-    except OSError as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"{PROG}: error: {fs_error(exc, 'use', exc.filename or '?')}\n")
-        return EXIT_LAUNCHER
     finally:
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def default_sigint() -> None:
+    """In a child about to exec: Ctrl-C's SIGINT as a terminal delivers it, also when the test run itself ignores
+    it (a non-interactive shell starts background jobs with SIGINT ignored, and Python keeps that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def snap(*args: str | os.PathLike[str], env: dict[str, str] | None = None, check: int | None = 0,

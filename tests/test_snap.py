@@ -14,7 +14,7 @@ from apppot_guest.errors import ALL_ERRORS
 from apppot_guest.manifest import base_path
 from fixtures_tree import assert_trees_equal, make_rootfs
 from mutations import mutate_everything
-from snaphelp import PYTHON, REPO, assert_one_error_line, copy_tree, snap, status_lines
+from snaphelp import PYTHON, REPO, assert_one_error_line, copy_tree, default_sigint, snap, status_lines
 
 IGNORE = ("var/lib/apppot",)
 
@@ -243,7 +243,7 @@ def test_interrupt_exits_130_and_leaves_nothing(pair: tuple[Path, Path], tmp_pat
     os.mkfifo(fifo)
     env = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
     proc = subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", "--root", str(root), "changes", "--exclude-from", str(fifo), str(tmp_path / "d.tar")],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     # Opening the FIFO for writing returns once the reader has it open: then it is blocked in read.
     with open(fifo, "w"):
         deadline = time.monotonic() + 30

@@ -28,7 +28,7 @@ from apppot_guest.errors import ALL_ERRORS, BusyError
 from apppot_guest.manifest import load_base
 from fixtures_tree import assert_trees_equal
 from mutations import mutate_everything
-from snaphelp import PYTHON, REPO, assert_one_error_line, copy_tree, have, snap, status_lines
+from snaphelp import PYTHON, REPO, assert_one_error_line, copy_tree, default_sigint, have, snap, status_lines
 
 IGNORE = ("var/lib/apppot",)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
@@ -37,7 +37,8 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "APPPOT_SNAP_NO_SUDO": "1"}
 def start(*args: str | Path, fault: str | None = None, new_session: bool = False) -> subprocess.Popen[str]:
     env = {**ENV, "APPPOT_TEST_FAULT": fault} if fault else ENV
     return subprocess.Popen([PYTHON, "-m", "apppot_guest.snap", *(str(a) for a in args)], env=env, text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=new_session)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=new_session,
+                            preexec_fn=default_sigint)
 
 
 @dataclass
