@@ -22,8 +22,11 @@ from .uml_run import parse_size
 
 log = logging.getLogger("apppot-start")
 
-MARGIN_MIB = 96  # measured peak beyond the guest's memory: 41-47 MiB (docs/submit.md), twice that and rounded up
-MARGIN_PERCENT = 3  # page tables and the host side of guest processes grow with the guest's memory
+# Measured (docs/submit.md, bench/measure_margin.py): beyond the guest's memory the UML process tree peaked at
+# 5-8 MiB with a 256 MiB-1 GiB guest, 10-13 MiB with 2 GiB (page tables), 31 MiB with 200 guest processes and
+# the network; a limit 8 MiB above 2 GiB was too little.
+MARGIN_MIB = 48
+MARGIN_PERCENT = 2
 MIN_GUEST_MIB = 64  # apppot-start's own minimum (uml_run.parse_size)
 
 
