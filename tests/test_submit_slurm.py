@@ -98,9 +98,9 @@ def test_an_array_of_six_each_task_in_its_own_directory_with_its_own_exit_code(
 
 
 PARAMS = """\
-# label, words, more
-1 "two words" 'single "double" inside'
-2 "it's `date` $HOME" ""
+# four fields a line: number, words, more words, the rest
+1 "two words" 'single "double" inside' plain
+2 "it's `date` $HOME" "" '*'
 3 ünïcödé 'back\\slash' "a;b|c&d *"
 """
 
@@ -111,7 +111,7 @@ def test_a_parameters_file_with_spaces_and_quotes_reaches_each_tasks_argv_intact
     params.write_text(PARAMS, encoding="utf-8")
     submitted(slurm_cluster, uml_user, uml_jobdir, f"--image={apppot_image}", f"--params={params}", "--name=params",
               "--", "python3", "-c", "import json, sys; json.dump(sys.argv[1:], open('args.json', 'w'))",
-              "{1}", "{2}", "{3}", "line: {0}")
+              "{1}", "{2}", "{3}", "{4}", "line: {0}")
     code, status = wait_finished(slurm_cluster, uml_user, uml_jobdir, "params")
     assert code == 0, status
     lines = [line for line in PARAMS.splitlines() if not line.startswith("#")]
@@ -153,19 +153,31 @@ def test_a_task_over_its_time_limit_is_timeout_and_resubmit_runs_only_the_failed
 
 def test_a_guest_filling_its_memory_is_oom_killed_inside_an_allocation_sized_by_the_launcher(
         slurm_cluster: SlurmCluster, uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
+    """Slurm limits each job's memory with its cgroup (fixtures_slurm).  Sized by the launcher, the guest runs out
+    inside and its own OOM killer stops the job; given more than the allocation (--mem), UML is killed from outside
+    (Slurm: OUT_OF_MEMORY, no record).  The guest's memory file is on a tmpfs, where its pages count as memory."""
+    tmpfs = "--sbatch=--export=ALL,TMPDIR=/dev/shm"  # else Slurm's TMPDIR=/tmp: on disk here, see docs/submit.md
     job = submitted(slurm_cluster, uml_user, uml_jobdir, f"--image={apppot_image}", "--mem=600M", "--name=oom",
-                    "--start=--verbose", "--", "python3", "-c", FILLER)
+                    "--start=--verbose", tmpfs, "--", "python3", "-c", FILLER)
+    whole = submitted(slurm_cluster, uml_user, uml_jobdir, f"--image={apppot_image}", "--mem=600M", "--name=whole",
+                      "--start=--mem=800M", tmpfs, "--", "python3", "-c", FILLER)
     code, status = wait_finished(slurm_cluster, uml_user, uml_jobdir, "oom")
     task = by_task(status)[1]
     assert code == 1 and (task["exit_code"], task["outcome"], task["oom_killed"]) == (137, "killed", True), task
+    assert (task["state"], slurm_records(slurm_cluster, job)[1]["ExitCode"]) == ("FAILED", "137:0"), task
     record = json.loads((uml_jobdir / "oom" / "1" / "apppot.status.json").read_text())
     assert record["oom_killed"] and record["signal"] == 9, record
     guest = Allocation(600, "").guest_mib
     output = (uml_jobdir / "oom" / "1" / f"slurm-{job}_1.out").read_text(errors="replace")
     assert f"guest memory {guest} MiB: the Slurm allocation (SLURM_MEM_PER_NODE=600) minus" in output
-    assert f"mem={guest}M" in output  # the kernel's command line, as UML printed it
-    assert slurm_records(slurm_cluster, job)[1]["ExitCode"] == "137:0"
+    assert f" mem={guest}M " in output  # the UML command line apppot-start logs with --verbose
     assert "(oom)" in apppot_submit(slurm_cluster, uml_user, uml_jobdir, "status", "oom").stdout
+    code, status = wait_finished(slurm_cluster, uml_user, uml_jobdir, "whole")
+    task = by_task(status)[1]
+    assert code == 1 and task["state"] == "OUT_OF_MEMORY" and task["outcome"] is None, task
+    assert not (uml_jobdir / "whole" / "1" / "apppot.status.json").exists()
+    output = (uml_jobdir / "whole" / "1" / f"slurm-{whole}_1.out").read_text(errors="replace")
+    assert "warning: --mem 800M and" in output and "exceed the Slurm allocation of 600 MiB" in output
 
 
 def test_scancel_of_a_running_task_is_cancelled_in_slurm_and_in_its_record_and_leaves_no_uml(
