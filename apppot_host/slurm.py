@@ -74,11 +74,15 @@ def records(job_ids: Iterable[str]) -> dict[tuple[str, int], Record]:
     if not ids:
         return {}
     result = run(["sacct", "--parsable2", "--noheader", f"--jobs={','.join(ids)}", f"--format={','.join(SACCT_FIELDS)}"])
-    if result.returncode == 0:
-        return parse_sacct(result.stdout)
-    log.info("sacct: %s; asking scontrol", one_line(result.stderr.strip()))
     found: dict[tuple[str, int], Record] = {}
-    for job_id in ids:
+    if result.returncode == 0:
+        found = parse_sacct(result.stdout)
+    else:
+        log.info("sacct: %s; asking scontrol", one_line(result.stderr.strip()))
+    known = {job_id for job_id, _ in found}
+    for job_id in ids:  # without accounting, or a job accounting has not heard of yet: the controller's record
+        if job_id in known:
+            continue
         shown = run(["scontrol", "show", "job", "--oneliner", job_id])
         if shown.returncode == 0:
             found.update(parse_scontrol(shown.stdout))

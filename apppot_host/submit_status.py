@@ -92,7 +92,7 @@ def read_record(task_dir: Path) -> dict[str, object] | None:
 def clock(seconds: object) -> str | None:
     if not isinstance(seconds, (int, float)):
         return None
-    whole = int(round(seconds))
+    whole = round(seconds)
     return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 

@@ -326,7 +326,69 @@ def test_the_exit_code_table_is_in_help_and_readme_and_covers_every_error() -> N
     assert submit.exit_code_table() in help_text
     readme = (CHECKOUT / "README.md").read_text()
     section = readme[readme.index("### Exit codes of `apppot-submit`"):]
-    rows = re.findall(r"^\| (\d+) \| (.+) \|$", section.split("\n\n", 2)[1], re.M)
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", section.split("\n\n", 2)[1], re.MULTILINE)
     assert [(int(code), meaning) for code, meaning in rows] == list(submit.EXIT_CODES)
     for error in (UsageError, submit.ExistsError, submit.NotASubmission, submit.slurm.SlurmError, submit.FsError):
         assert error.exit_code in dict(submit.EXIT_CODES)
+
+
+def fake_tools(tmp_path: Path, **scripts: str) -> str:
+    """A PATH with these commands (name: shell script body) before the system's."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize(("sacct", "asked"), [
+    ("echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1", ["41", "57"]),  # no slurmdbd
+    ("printf '%s\\n' '41_1|COMPLETED|0:0|00:00:05||node1'", ["57"]),  # accounting has not heard of 57 yet
+])
+def test_records_from_sacct_else_from_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sacct: str,
+                                                asked: list[str]) -> None:
+    scontrol = (f'echo "$@" >> {tmp_path}/asked; case "$4" in 41) echo "JobId=42 ArrayJobId=41 ArrayTaskId=1 '
+                'JobState=COMPLETED ExitCode=0:0 RunTime=00:00:05 NodeList=node1";; 57) echo "JobId=57 ArrayJobId=57 '
+                'ArrayTaskId=2-3 JobState=PENDING ExitCode=0:0 RunTime=00:00:00 NodeList=(null)";; '
+                '*) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac')
+    monkeypatch.setenv("PATH", fake_tools(tmp_path, sacct=sacct, scontrol=scontrol))
+    found = submit.slurm.records(["57", "41", "99"])
+    assert sorted(found) == [("41", 1), ("57", 2), ("57", 3)]
+    assert found[("41", 1)].state == "COMPLETED" and found[("57", 3)].state == "PENDING"
+    asked_lines = (tmp_path / "asked").read_text().split("\n")
+    assert [line.split()[-1] for line in asked_lines if line] == [*asked, "99"]
+
+
+def test_status_and_resubmit_through_the_command_line(tmp_path: Path, image: Path) -> None:
+    """A submission with Slurm's answers fabricated: resubmit sends only the failed task, keeps its old record."""
+    path = fake_tools(tmp_path, sbatch=f'printf "%s\\n" "$@" > {tmp_path}/sbatch.args; echo 41',
+                      sacct="echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1",
+                      scontrol=f'cat {tmp_path}/scontrol.$4')
+    assert run_submit("--image", image, "--array=1-2", "--name", "sweep", "--", "true", cwd=tmp_path,
+                      path=path).returncode == 0
+    (tmp_path / "scontrol.41").write_text(
+        "JobId=42 ArrayJobId=41 ArrayTaskId=1 JobState=COMPLETED ExitCode=0:0 RunTime=00:00:05 NodeList=n1\n"
+        "JobId=43 ArrayJobId=41 ArrayTaskId=2 JobState=FAILED ExitCode=3:0 RunTime=00:00:04 NodeList=n1\n")
+    for task, code in ((1, 0), (2, 3)):
+        (tmp_path / "sweep" / str(task) / "apppot.status.json").write_text(json.dumps(apppot_record(code)))
+        (tmp_path / "sweep" / str(task) / "apppot.exitcode").write_text(f"{code}\n")
+    status = run_submit("status", "sweep", cwd=tmp_path, path=path)
+    assert status.returncode == 1 and status.stdout.splitlines()[-1] == "2 task(s): 1 done, 1 failed, 0 running, 0 pending"
+    path = fake_tools(tmp_path, sbatch=f'printf "%s\\n" "$@" > {tmp_path}/sbatch.args; echo 57')
+    (tmp_path / "scontrol.57").write_text("JobId=57 ArrayJobId=57 ArrayTaskId=2 JobState=PENDING ExitCode=0:0\n")
+    again = run_submit("resubmit", "sweep", cwd=tmp_path, path=path)
+    assert again.returncode == 0, again.stderr
+    assert "--array=2" in (tmp_path / "sbatch.args").read_text().splitlines()
+    assert (tmp_path / "sweep" / "jobids").read_text() == "41 1-2\n57 2\n"
+    old = tmp_path / "sweep" / "2" / "attempt-41"
+    assert json.loads((old / "apppot.status.json").read_text())["exit_code"] == 3
+    assert not (tmp_path / "sweep" / "2" / "apppot.status.json").exists()
+    assert (tmp_path / "sweep" / "1" / "apppot.status.json").exists()
+    status = run_submit("status", "sweep", "--json", cwd=tmp_path, path=path)
+    assert status.returncode == 4 and json.loads(status.stdout)["summary"] == {
+        "done": 1, "failed": 0, "running": 0, "pending": 1}
+    nothing = fake_tools(tmp_path, scontrol="echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1")
+    broken = run_submit("status", "sweep", cwd=tmp_path, path=nothing)
+    assert broken.returncode == 5 and broken.stderr == (
+        "apppot-submit: error: scontrol show job 41: slurm_load_jobs error: Unable to contact slurm controller\n")
