@@ -88,7 +88,7 @@ class Submission:
     tasks: tuple[int, ...]
     array: str | None  # --array as given
     params: str | None  # --params as given
-    image: str | None  # absolute; None: the tasks use $APPPOT_IMAGE
+    image: str | None  # absolute (--image or $APPPOT_IMAGE when submitted)
     changes: str | None  # --changes as given
     changes_sha256: str | None  # of NAME/changes.delta
     mem: str | None  # Slurm's --mem (MiB, e.g. 2048M); the guest gets it minus UML's margin
@@ -123,8 +123,10 @@ class Submission:
 
     def sbatch_argv(self, tasks: Sequence[int]) -> list[str]:
         """sbatch's options for these tasks: on its command line, not in the script, so paths need no quoting."""
-        options = [f"--job-name={self.root.name}", f"--array={array_spec(tasks)}", f"--chdir={self.name}",
-                   f"--output={self.name}/{OUTPUT_PATTERN}"]
+        throttle = (self.array or "").partition("%")[2]  # --array 1-100%10: at most 10 at once, resubmits too
+        output = self.name.replace("%", "%%")  # a % in NAME is not one of sbatch's patterns
+        options = [f"--job-name={self.root.name}", f"--array={array_spec(tasks)}{'%' + throttle if throttle else ''}",
+                   f"--chdir={self.name}", f"--output={output}/{OUTPUT_PATTERN}"]
         if self.mem is not None:
             options.append(f"--mem={self.mem}")
         return [*options, *self.sbatch_extra]
@@ -242,8 +244,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     command = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command)
     if not command:
         raise UsageError("no command: apppot-submit [OPTIONS] -- PROG ARGS...")
-    if args.array is not None and args.params is not None:
-        raise UsageError("--array and --params both give the tasks: use one (--params numbers its lines from 1)")
     tasks = plan_tasks(args)
     argvs = {task.number: expand(command, task) for task in tasks}  # every placeholder, before anything is written
     check_sbatch_options(args.sbatch)

@@ -176,6 +176,12 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path: Path, image: Pat
     compile(script, "job.sbatch", "exec")
 
 
+def test_the_array_throttle_and_a_percent_in_name_reach_sbatch(tmp_path: Path, image: Path) -> None:
+    result = run_submit("--image", image, "--array", "1-9:2%2", "--name", "50%", "--dry-run", "--", "true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"--array=1,3,5,7,9%2 --chdir={tmp_path}/50% --output={tmp_path}/50%%/%a/slurm-%A_%a.out" in result.stdout
+
+
 def test_a_submission_is_written_before_sbatch_and_its_job_id_recorded(
         tmp_path: Path, image: Path, fake_sbatch: str) -> None:
     delta = tmp_path / "gauss.tar.zst"
