@@ -79,7 +79,8 @@ bench-images: deps kernel $(IMAGE) $(IMAGE_BOOKWORM)
 	$(PY) bench/bench_images.py trixie=$(IMAGE) bookworm=$(IMAGE_BOOKWORM) --write docs/benchmarks.md
 
 # The worked example (examples/gauss, README): build a numerical code in a desktop
-# copy of the image, save the delta, run jobs on the pristine image (out/example/).
+# copy of the image, save the delta, run jobs on the pristine image (out/example/):
+# a Slurm job array through apppot-submit when sinfo answers, else one job after another.
 example: deps kernel $(IMAGE)
 	@rm -rf out/example && mkdir -p out/example && chown $(DEMO_UID):$(DEMO_GID) out/example
 	$(DEMO_AS) examples/gauss/run-example $(IMAGE) out/example

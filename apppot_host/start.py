@@ -29,9 +29,10 @@ from apppot_guest import __version__
 from apppot_guest.cli import add_output_options, run_main
 from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
 from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path
+from .allocation import guest_memory
 from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
 from .uml_launch import EXIT_CHECK_FAILED, EXIT_LAUNCHER, PROG, Disk, Plan, exit_codes_help, launch
-from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration, parse_size
+from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration
 
 log = logging.getLogger("apppot-start")
 
@@ -52,6 +53,11 @@ boot modes (--boot):
 the kernel: --linux, else $APPPOT_KERNEL, else a `linux` next to the image,
   else AppPot's own (out/linux of the checkout, /usr/lib/apppot/linux), else
   `linux` on PATH.  `apppot-start --check` says which and why, and boots `true`.
+
+memory: inside a Slurm job (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU times
+  SLURM_CPUS_ON_NODE) and without --mem, the guest gets the allocation minus
+  room for UML itself, so a guest that fills its memory is stopped by its own
+  OOM killer, not by Slurm; a --mem that does not fit is warned about.
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--linux),
   TMPDIR (where UML keeps the guest's memory: a directory not mounted noexec;
@@ -162,7 +168,9 @@ def job_ids(jobdir: Path, dry_run: bool) -> tuple[int | None, int | None]:
 def make_plan(args: argparse.Namespace, run: RunDir) -> Plan:
     if not args.image:
         raise UsageError("no image: give --image PATH or set APPPOT_IMAGE")
-    args.mem = parse_size(args.mem)
+    args.mem, warning = guest_memory(args.mem, os.environ, DEFAULT_MEM)
+    if warning is not None:
+        sys.stderr.write(f"{PROG}: warning: {warning}\n")
     if args.id is None:
         args.id = f"apppot-{os.getpid()}"
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.id):
@@ -323,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the image; a read-only one is used through a per-run copy-on-write file "
                         "(default: $APPPOT_IMAGE)")
     parser.add_argument("--changes", metavar="FILE", help="a delta from 'apppot-snap changes' to merge before the job")
-    parser.add_argument("--mem", default=os.environ.get("APPPOT_MEM") or DEFAULT_MEM, metavar="SIZE",
-                        help=f"guest memory, e.g. 512M, 2g, 2048M, 2GiB (a bare number: MiB; default: $APPPOT_MEM or {DEFAULT_MEM})")
+    parser.add_argument("--mem", default=os.environ.get("APPPOT_MEM") or None, metavar="SIZE",
+                        help="guest memory, e.g. 512M, 2g, 2048M, 2GiB (a bare number: MiB; default: $APPPOT_MEM, "
+                        f"else in a Slurm job its allocation minus room for UML itself, else {DEFAULT_MEM})")
     parser.add_argument("--linux", "--uml", dest="linux", metavar="PATH", default=os.environ.get("APPPOT_KERNEL"),
                         help="the UML kernel (default: $APPPOT_KERNEL, else found as described below)")
     parser.add_argument("--id", metavar="NAME", help="the VM's name (UML umid; default: apppot-PID)")

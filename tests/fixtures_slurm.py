@@ -5,7 +5,8 @@ directory, starts ``munged``, ``slurmctld`` and ``slurmd`` (as root, on free
 loopback ports), waits until the node is idle, and at the end stops each by
 the PID in its pid file.  Slurm records every finished job in a job-completion
 file (``jobcomp/filetxt``): ``records()`` reads it, Slurm's own word on each
-job's state and exit code.
+job's state and exit code.  Where the host has cgroup v1's memory controller,
+each job's memory is limited by its cgroup (task/cgroup), as on a cluster.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 STARTUP_TIMEOUT = 60.0  # seconds for the node to become idle
 NODE_MEMORY_MB = 8000
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stopped in this order
+MEMORY_CGROUP_V1 = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
 
 
 def free_port() -> int:
@@ -39,6 +41,7 @@ def free_port() -> int:
 class SlurmCluster:
     root: Path
     conf: Path
+    memory_limited: bool = MEMORY_CGROUP_V1  # each job's memory limited by its cgroup (task/cgroup)
 
     @property
     def env(self) -> dict[str, str]:
@@ -77,8 +80,8 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+ProctrackType=proctrack/{"cgroup" if MEMORY_CGROUP_V1 else "linuxproc"}
+TaskPlugin=task/{"cgroup" if MEMORY_CGROUP_V1 else "none"}
 JobAcctGatherType=jobacct_gather/linux
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
@@ -92,6 +95,17 @@ ReturnToService=2
 MpiDefault=none
 NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory={NODE_MEMORY_MB} State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    # Each job's memory is limited by its cgroup, as on a real cluster: a job that uses more than it asked
+    # for is killed by the kernel on Slurm's behalf (OUT_OF_MEMORY).  Only with cgroup v1's memory controller:
+    # Slurm 22.05's cgroup/v2 wants slurmd under systemd, which this fixture does not use.
+    if MEMORY_CGROUP_V1:
+        (root / "cgroup.conf").write_text("""\
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+ConstrainRAMSpace=yes
+ConstrainSwapSpace=yes
+AllowedSwapSpace=0
 """)
     return conf
 
