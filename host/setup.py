@@ -22,9 +22,10 @@ unprivileged process, runs the command in the job directory and exits with
 the command's own exit code, so Slurm, HTCondor or ARC see a normal job.
 
 This package is for cluster nodes and desktops: apppot-start (the launcher),
-apppot-build-image (makes an image with debootstrap), AppPot's own statically
-linked UML kernel (/usr/lib/apppot/linux) and the apppot guest package that
-goes into images (/usr/share/apppot).
+apppot-submit (Slurm job arrays of AppPot jobs), apppot-build-image (makes an
+image with debootstrap), AppPot's own statically linked UML kernel
+(/usr/lib/apppot/linux) and the apppot guest package that goes into images
+(/usr/share/apppot).
 """
 
 setup(
@@ -43,6 +44,7 @@ setup(
     entry_points={
         "console_scripts": [
             "apppot-start = apppot_host.start:main",
+            "apppot-submit = apppot_host.submit:main",
             "apppot-build-image = apppot_host.build_image:main",
         ],
     },

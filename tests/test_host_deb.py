@@ -55,8 +55,9 @@ def test_both_packages_share_one_version_and_are_lintian_clean_of_errors(host_de
 def test_apt_installs_the_launcher_the_kernel_and_the_guest_package(host_tree: Path, host_debs: tuple[Path, Path],
                                                                      uml_kernel: Path) -> None:
     guest, _ = host_debs
-    assert in_tree(host_tree, "sh", "-c", "command -v apppot-start; command -v apppot-build-image").stdout.split() == [
-        "/usr/bin/apppot-start", "/usr/sbin/apppot-build-image"]
+    commands = "command -v apppot-start; command -v apppot-submit; command -v apppot-build-image"
+    assert in_tree(host_tree, "sh", "-c", commands).stdout.split() == [
+        "/usr/bin/apppot-start", "/usr/bin/apppot-submit", "/usr/sbin/apppot-build-image"]
     assert in_tree(host_tree, "apppot-start", "--version").stdout == f"apppot-start {source_version()}\n"
     where = in_tree(host_tree, "python3", "-c", "import apppot_host.start as m; print(m.__file__)").stdout
     assert where == "/usr/lib/python3/dist-packages/apppot_host/start.py\n"
@@ -71,6 +72,7 @@ def test_man_apppot_start_shows_the_page_made_from_its_parser(host_tree: Path) -
     assert page.lstrip().startswith("APPPOT-START(1)"), page[:200]
     assert "--dry-run" in page and "--changes" in page
     assert in_tree(host_tree, "man", "-w", "8", "apppot-build-image").stdout.strip().endswith("apppot-build-image.8.gz")
+    assert in_tree(host_tree, "man", "-w", "1", "apppot-submit").stdout.strip().endswith("apppot-submit.1.gz")
 
 
 def test_a_job_runs_with_the_installed_launcher_and_kernel(host_tree: Path, apppot_image: Path) -> None:

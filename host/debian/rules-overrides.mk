@@ -23,5 +23,6 @@ override_dh_strip override_dh_dwz override_dh_shlibdeps:
 override_dh_installman:
 	mkdir -p debian/man
 	/usr/bin/python3 -m apppot_guest.manpage apppot_host.start:build_parser 1 > debian/man/apppot-start.1
+	/usr/bin/python3 -m apppot_guest.manpage apppot_host.submit:build_parser 1 > debian/man/apppot-submit.1
 	/usr/bin/python3 -m apppot_guest.manpage apppot_host.build_image:build_parser 8 > debian/man/apppot-build-image.8
-	dh_installman debian/man/apppot-start.1 debian/man/apppot-build-image.8
+	dh_installman debian/man/apppot-start.1 debian/man/apppot-submit.1 debian/man/apppot-build-image.8
