@@ -8,6 +8,8 @@ prints ``PROG: error: MESSAGE`` and exits with the class's ``exit_code``.
 from __future__ import annotations
 
 import os
+import textwrap
+from collections.abc import Sequence
 
 # The exit codes of apppot-snap (and of apppot-init's own failures before a
 # job runs).  Job launchers use the shell conventions instead (see job.py).
@@ -90,12 +92,27 @@ ALL_ERRORS: tuple[type[AppPotError], ...] = (
 )
 
 
-def exit_code_table() -> str:
-    """The exit-code table as printed at the end of ``--help``."""
-    rows = ["exit codes:", f"  {EXIT_OK:>3}  success"]
-    rows += [f"  {cls.exit_code:>3}  {cls.summary}" for cls in ALL_ERRORS]
-    rows.append(f"  {AppPotError.exit_code:>3}  {AppPotError.summary}")
-    return "\n".join(rows)
+ExitCodes = Sequence[tuple[object, str]]  # (code or range such as "128+N", meaning): a command's one table
+
+
+def exit_codes_help(rows: ExitCodes) -> str:
+    """A command's exit-code table as the end of its ``--help`` shows it."""
+    lines = ["exit codes:"]
+    for code, meaning in rows:
+        first, *rest = textwrap.wrap(meaning, 68)
+        lines += [f"  {code!s:<9}{first}", *(f"  {'':<9}{line}" for line in rest)]
+    return "\n".join(lines) + "\n"
+
+
+def exit_codes_markdown(rows: ExitCodes) -> str:
+    """The same table as the README shows it (the tests check the README has it)."""
+    return "| code | meaning |\n|---|---|\n" + "".join(f"| {code} | {meaning} |\n" for code, meaning in rows)
+
+
+def exit_code_rows() -> list[tuple[object, str]]:
+    """apppot-snap's table, from the error classes."""
+    return [(EXIT_OK, "success"), *((cls.exit_code, cls.summary) for cls in ALL_ERRORS),
+            (AppPotError.exit_code, AppPotError.summary)]
 
 
 def fs_error(exc: OSError, action: str, path: object) -> FsError:

@@ -20,7 +20,7 @@ from . import __version__, faults
 from .cli import run_main
 from .delta import DEFAULT_SUFFIX, DeltaOutput, compressor_for
 from .diff import Diff, compare, with_read_metadata
-from .errors import UsageError, display_path, exit_code_table
+from .errors import UsageError, display_path, exit_code_rows, exit_codes_help
 from .manifest import KEY_SIZE, BaseRecords, BaseWriter, base_path, read_records
 from .state import RootLock, recover, remove_leftover
 from .tree import Excluder, Item, walk
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     main = Parser(
         prog=PROG,
         description="Record an AppPot image's base, list and save what changed since, and apply such deltas.",
-        epilog=exit_code_table(),
+        epilog=exit_codes_help(exit_code_rows()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(main, suppress=False)
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "merge": ("apply a delta archive made against this root's base", cmd_merge),
     }
     for name, (help_text, handler) in actions.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=exit_code_table(),
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=exit_codes_help(exit_code_rows()),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_common(p, suppress=True)
         p.set_defaults(handler=handler)

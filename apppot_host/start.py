@@ -28,10 +28,10 @@ from pathlib import Path
 from apppot_guest import __version__
 from apppot_guest.cli import add_output_options, run_main
 from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
-from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path
+from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, exit_codes_help
 from .allocation import guest_memory
 from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
-from .uml_launch import EXIT_CHECK_FAILED, EXIT_LAUNCHER, PROG, Disk, Plan, exit_codes_help, launch
+from .uml_launch import EXIT_CHECK_FAILED, EXIT_CODES, EXIT_LAUNCHER, PROG, Disk, Plan, launch
 from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration
 
 log = logging.getLogger("apppot-start")
@@ -63,7 +63,7 @@ environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--linux)
   TMPDIR (where UML keeps the guest's memory: a directory not mounted noexec;
   by default /dev/shm, else /tmp, chosen by apppot-start)
 
-""" + exit_codes_help()
+""" + exit_codes_help(EXIT_CODES)
 
 
 class BootMode(StrEnum):

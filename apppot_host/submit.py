@@ -35,7 +35,7 @@ from pathlib import Path
 from apppot_guest import __version__
 from apppot_guest.atomicfile import write_atomic
 from apppot_guest.cli import add_output_options, run_main
-from apppot_guest.errors import AppPotError, FsError, UsageError, display_path, fs_error
+from apppot_guest.errors import AppPotError, FsError, UsageError, display_path, exit_codes_help, fs_error
 from . import slurm
 from .submit_status import (
     JOBIDS_FILE,
@@ -84,10 +84,6 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (NotASubmission.exit_code, NotASubmission.summary),
     (FsError.exit_code, "a file could not be read or written (permissions, space, a missing path)"),
 )
-
-
-def exit_code_table() -> str:
-    return "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +405,7 @@ also:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, usage=f"{PROG} [OPTIONS] -- PROG ARGS...\n       {PROG} status NAME [--json]\n       {PROG} resubmit NAME",
-        description=DESCRIPTION, epilog=exit_code_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog=exit_codes_help(EXIT_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", metavar="PATH", help="the image (default: $APPPOT_IMAGE)")
     parser.add_argument("--changes", metavar="DELTA", help="a delta from apppot-snap changes, staged once read-only "
                         "as NAME/changes.delta for every task")
@@ -435,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_status_parser(verb: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} {verb}", epilog=exit_code_table(),
+    parser = argparse.ArgumentParser(prog=f"{PROG} {verb}", epilog=exit_codes_help(EXIT_CODES),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", metavar="NAME", help="the submission's directory")
     if verb == "status":

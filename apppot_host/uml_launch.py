@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sys
-import textwrap
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -52,20 +51,6 @@ EXIT_CODES: tuple[tuple[str, str], ...] = (
 )
 GUEST_FAILURES = ("setup-failed", "merge-failed")  # outcomes where the hook could not run the job
 TIMEOUT_MARGIN = 60.0  # seconds the host adds to --timeout for boot and power-off (they take ~5 s)
-
-
-def exit_codes_help() -> str:
-    """The table as --help shows it."""
-    lines = ["exit codes:"]
-    for code, meaning in EXIT_CODES:
-        first, *rest = textwrap.wrap(meaning, 68)
-        lines += [f"  {code:<9}{first}", *(f"  {'':<9}{line}" for line in rest)]
-    return "\n".join(lines) + "\n"
-
-
-def exit_codes_markdown() -> str:
-    """The table as the README shows it."""
-    return "| code | meaning |\n|---|---|\n" + "".join(f"| {code} | {meaning} |\n" for code, meaning in EXIT_CODES)
 
 
 class Disk(StrEnum):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from apppot_guest.errors import ALL_ERRORS
+from apppot_guest.errors import ALL_ERRORS, exit_code_rows, exit_codes_help
 from apppot_guest.manifest import base_path
 from fixtures_tree import assert_trees_equal, make_rootfs
 from mutations import mutate_everything
@@ -196,8 +196,9 @@ def test_interrupted_base_keeps_the_previous_base(pair: tuple[Path, Path], tmp_p
 
 def test_help_documents_every_exit_code() -> None:
     out = snap("--help").stdout
+    assert exit_codes_help(exit_code_rows()) in out
     for cls in ALL_ERRORS:
-        assert f"{cls.exit_code:>3}  {cls.summary}" in out
+        assert f"{cls.exit_code:<9}{cls.summary[:40]}" in out
     assert snap("--version").stdout.startswith("apppot-snap ")
 
 
