@@ -21,12 +21,14 @@ def run(
     capture: bool = False,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` (never through a shell).
 
     With ``check`` a non-zero exit raises ``ToolError`` naming the command and
     the last line it wrote to stderr; with ``capture`` stdout and stderr are
-    returned instead of passed through.
+    returned instead of passed through.  A command still running after
+    ``timeout`` seconds is killed and ``subprocess.TimeoutExpired`` raised.
     """
     args = [os.fspath(a) for a in argv]
     log.debug("running %s", shlex.join(args))
@@ -39,6 +41,7 @@ def run(
             stderr=subprocess.PIPE if (capture or check) else None,
             env=dict(env) if env is not None else None,
             cwd=cwd,
+            timeout=timeout,
         )
     except OSError as exc:
         raise ToolError(f"cannot run {args[0]}: {exc.strerror}") from exc

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
+import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from apppot_guest.errors import AppPotError, one_line
+from apppot_guest import proc
+from apppot_guest.errors import AppPotError, ToolError, one_line
 
 log = logging.getLogger("apppot-submit")
 
@@ -25,6 +26,9 @@ PENDING_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 RUNNING_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
                             "STAGE_OUT"})
 TASK_ID = re.compile(r"([0-9]+)_(?:([0-9]+)|\[([^\]]*)\])")
+
+
+TIMEOUT = 120.0  # seconds a Slurm command may take to answer
 
 
 class SlurmError(AppPotError):
@@ -47,14 +51,17 @@ class Record:
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    log.debug("running %s", shlex.join(argv))
+    """A Slurm command through the one subprocess wrapper, its output as text."""
+    if shutil.which(argv[0]) is None:
+        raise SlurmError(f"{argv[0]}: not found (is Slurm installed here? Debian: slurm-client)")
     try:
-        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
-                              timeout=120)
-    except FileNotFoundError as exc:
-        raise SlurmError(f"{argv[0]}: not found (is Slurm installed here? Debian: slurm-client)") from exc
+        result = proc.run(argv, check=False, capture=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         raise SlurmError(f"{argv[0]}: no answer from Slurm within {exc.timeout:g} s") from exc
+    except ToolError as exc:  # it could not be started after all
+        raise SlurmError(str(exc)) from exc
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(errors="replace"),
+                                       result.stderr.decode(errors="replace"))
 
 
 def sbatch(options: Sequence[str], script: os.PathLike[str]) -> str:

@@ -11,7 +11,6 @@ apppot_host.submit.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from apppot_guest.errors import AppPotError, display_path, fs_error
-from apppot_guest.status import EXITCODE_FILE, STATUS_FILE
+from apppot_guest.status import EXITCODE_FILE, STATUS_FILE, parse_status
 from .slurm import PENDING_STATES, RUNNING_STATES, Record
 from .tasks import parse_array
 
@@ -82,11 +81,11 @@ def read_jobids(root: Path, tasks: Sequence[int]) -> dict[int, str]:
 
 def read_record(task_dir: Path) -> dict[str, object] | None:
     """The task's apppot.status.json, or None when there is none (yet) or it cannot be read."""
+    path = task_dir / STATUS_FILE
     try:
-        data = json.loads((task_dir / STATUS_FILE).read_bytes())
-    except (OSError, ValueError):
+        return parse_status(path.read_bytes(), path, complete=False)
+    except (OSError, AppPotError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def clock(seconds: object) -> str | None:
