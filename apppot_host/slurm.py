@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from apppot_guest import proc
-from apppot_guest.errors import AppPotError, ToolError, one_line
+from apppot_guest.errors import AppPotError, ToolError, UsageError, one_line
+from .tasks import parse_array
 
 log = logging.getLogger("apppot-submit")
 
@@ -99,13 +100,12 @@ def records(job_ids: Iterable[str]) -> dict[tuple[str, int], Record]:
 
 
 def task_numbers(text: str) -> list[int]:
-    """``3``, ``3-6``, ``[3-6,8]``, ``3-6%2`` (a pending array's tasks) as numbers."""
-    numbers: list[int] = []
-    for item in text.strip("[]").partition("%")[0].split(","):
-        first, _, last = item.partition("-")
-        if first.isdigit() and (not last or last.isdigit()):
-            numbers.extend(range(int(first), int(last or first) + 1))
-    return numbers
+    """``3``, ``3-6``, ``[3-6,8]``, ``3-6%2`` (a pending array's tasks, as Slurm shows them) as numbers; none for
+    anything else Slurm may show there."""
+    try:
+        return list(parse_array(text.strip("[]")))
+    except UsageError:
+        return []
 
 
 def exit_and_signal(text: str) -> tuple[int | None, int | None]:
