@@ -38,7 +38,9 @@ PYTHON = "/usr/bin/python3"
 SOURCE_ITEMS = ("setup.py", "stdeb.cfg", "apppot_guest", "etc", "usr", "debian")
 # The host package's: (in the source tree, in the staging copy).
 HOST_ITEMS = (("host/setup.py", "setup.py"), ("host/stdeb.cfg", "stdeb.cfg"), ("host/debian", "debian"),
-              ("apppot_host", "apppot_host"), ("apppot_guest", "apppot_guest"))
+              ("apppot_host", "apppot_host"), ("apppot_guest", "apppot_guest"),
+              ("apppot-start", "apppot-start"), ("apppot-submit", "apppot-submit"),
+              ("apppot-build-image", "apppot-build-image"))
 # Written by the boot-hook owners; the package cannot be built without them.
 REQUIRED_DEBIAN = ("debian/apppot.service", "debian/apppot.init")
 # The conffile must be the very list apppot-snap falls back to.

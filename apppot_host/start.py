@@ -30,7 +30,7 @@ from apppot_guest.cli import add_output_options, run_main
 from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
 from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, exit_codes_help
 from .allocation import guest_memory
-from .uml_host import find_kernel, kernel_description, network_helper, uml_tmpdir
+from .uml_host import choose_cpu, find_kernel, kernel_description, network_helper, uml_tmpdir
 from .uml_launch import EXIT_CHECK_FAILED, EXIT_CODES, EXIT_LAUNCHER, PROG, Disk, Plan, launch
 from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration
 
@@ -59,8 +59,14 @@ memory: inside a Slurm job (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU times
   room for UML itself, so a guest that fills its memory is stopped by its own
   OOM killer, not by Slurm; a --mem that does not fit is warned about.
 
+cpu: the guest has one CPU, and UML runs it as several host processes that hand
+  control to each other at every system call and page fault of the guest; on one
+  host CPU those hand-offs are several times faster, so apppot-start pins UML to
+  one (--cpu auto: the one it runs on, of those it may use, such as a batch
+  system's cpuset).  --cpu any leaves the placement to the host's scheduler.
+
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--linux),
-  TMPDIR (where UML keeps the guest's memory: a directory not mounted noexec;
+  APPPOT_CPU (--cpu), TMPDIR (where UML keeps the guest's memory: a directory not mounted noexec;
   by default /dev/shm, else /tmp, chosen by apppot-start)
 
 """ + exit_codes_help(EXIT_CODES)
@@ -176,6 +182,7 @@ def make_plan(args: argparse.Namespace, run: RunDir) -> Plan:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.id):
         raise UsageError(f"--id {display_path(args.id)}: use letters, digits, '.', '_' and '-' only")
     kernel, _ = find_kernel(args.linux, image_path(args.image))
+    cpu, _ = choose_cpu(args.cpu)
     if not args.no_network:
         network_helper()
     jobdir = real_path(args.jobdir)
@@ -229,6 +236,7 @@ def make_plan(args: argparse.Namespace, run: RunDir) -> Plan:
         uid=uid,
         gid=gid,
         changes=args.changes,
+        cpu=cpu,
     )
 
 
@@ -276,6 +284,11 @@ def cmd_check(args: argparse.Namespace, run: RunDir) -> int:
             show("network", f"{network_helper()} with libvdeplug-slirp (guest 10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3)")
         except AppPotError as exc:
             problems.append(str(exc))
+    try:
+        cpu, why = choose_cpu(args.cpu)
+        show("cpu", f"{'any' if cpu is None else cpu} ({why})")
+    except AppPotError as exc:
+        problems.append(str(exc))
     try:
         tmpdir, why = uml_tmpdir()
         show("tmpdir", f"{tmpdir} ({why})")
@@ -342,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default: ~/job)")
     parser.add_argument("--timeout", type=duration, metavar="DURATION",
                         help="stop the job after DURATION (exit 124): seconds (90, 90s), 30m, 1h, or Slurm's 1:30:00")
+    parser.add_argument("--cpu", default=os.environ.get("APPPOT_CPU") or "auto", metavar="N|auto|any",
+                        help="the host CPU UML runs on: auto (default: $APPPOT_CPU, else the one apppot-start runs "
+                        "on), a number, or any (not pinned); see below")
     parser.add_argument("--no-network", action="store_true", help="no network device in the guest")
     parser.add_argument("--boot", choices=[m.value for m in BootMode], help="how the guest boots (see below)")
     parser.add_argument("--ephemeral", action="store_true", help="use a per-run copy-on-write file even for a writable image")

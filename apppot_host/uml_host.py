@@ -85,6 +85,58 @@ def uml_tmpdir() -> tuple[str, str]:
                       "on a file system mounted without noexec")
 
 
+CPU_CHOICES = ("auto", "any")
+
+
+def cpu_list(cpus: set[int]) -> str:
+    """``{0, 1, 2, 5}`` as ``0-2,5`` (the kernel's and taskset's notation)."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def current_cpu() -> int | None:
+    """The CPU this process last ran on (field 39 of /proc/self/stat), None where it cannot be read."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def choose_cpu(spec: str) -> tuple[int | None, str]:
+    """The one host CPU UML is to run on, and why (None: the host's scheduler decides).
+
+    The guest has one CPU, but UML is several host processes: its kernel, one
+    process per guest address space, its disk I/O thread.  Every system call and
+    page fault of the guest hands control from one to another and back.  On two
+    host CPUs each hand-off is a cross-CPU wake-up (in a virtual machine, an
+    interrupt between virtual CPUs); on one CPU it is a plain context switch.
+    Measured on a 2-core virtual machine: a guest system call 58 -> 7.5 us, a
+    page fault 86 -> 20 us, `apppot-start -- true` 2.0 -> 0.8 s (docs/benchmarks.md).
+
+    ``auto`` takes the CPU the launcher runs on (where the host's scheduler
+    placed it, so jobs started side by side spread), one of those it may use
+    (a batch system's cpuset); ``any`` does not pin; a number pins to that CPU.
+    """
+    allowed = os.sched_getaffinity(0)
+    if spec == "any":
+        return None, f"not pinned (--cpu any): the host's scheduler places UML's processes on {cpu_list(allowed)}"
+    if spec == "auto":
+        here = current_cpu()
+        cpu = here if here in allowed else min(allowed)
+        return cpu, f"the one the launcher runs on, of {cpu_list(allowed)}; UML's processes hand off to each other on one core"
+    if not spec.isdigit():
+        raise UsageError(f"--cpu {display_path(spec)}: give a CPU number, 'auto' or 'any'")
+    if int(spec) not in allowed:
+        raise UsageError(f"--cpu {spec}: not one of the CPUs this process may use ({cpu_list(allowed)})")
+    return int(spec), "--cpu or $APPPOT_CPU"
+
+
 def elf_interpreter(path: Path) -> bytes | None:
     """The dynamic loader an ELF64 binary asks for (None: statically linked, or not ELF64)."""
     with open(path, "rb") as f:

@@ -80,6 +80,7 @@ class Plan:
     uid: int | None
     gid: int | None
     changes: str | None  # the delta as the user gave it
+    cpu: int | None = None  # the host CPU UML runs on (uml_host.choose_cpu); None: any
 
 
 def remove_stale_status(jobdir: Path) -> None:
@@ -117,7 +118,8 @@ def run_vm(plan: Plan, network: bool) -> int:
     remove_stale_status(plan.jobdir)
     tmpdir, why = uml_tmpdir()
     log.info("UML's temporary directory: %s (%s)", tmpdir, why)
-    vm = Vm(plan.argv, plan.interactive, plan.timeout + TIMEOUT_MARGIN if plan.timeout else None, {"TMPDIR": tmpdir})
+    vm = Vm(plan.argv, plan.interactive, plan.timeout + TIMEOUT_MARGIN if plan.timeout else None, {"TMPDIR": tmpdir},
+            cpu=plan.cpu)
     signals: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:

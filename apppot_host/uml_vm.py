@@ -124,8 +124,9 @@ class Vm:
     """One UML process group, stopped for good when the launcher leaves."""
 
     def __init__(self, argv: Sequence[str], interactive: bool, time_limit: float | None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cpu: int | None = None) -> None:
         self.argv = tuple(argv)
+        self.cpu = cpu  # the one host CPU for UML and its helpers (None: any)
         self.env = dict(env or {})  # added to our environment for UML
         self.diagnosis: str | None = None  # a known way of dying, from the console or UML's messages
         self.interactive = interactive  # UML gets the terminal itself, else its console is piped through us
@@ -148,6 +149,12 @@ class Vm:
         else:
             self._signal_group(signal.SIGKILL)
 
+    def _in_child(self) -> None:
+        """In UML's process, before exec."""
+        die_with_parent()
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})  # see uml_host.choose_cpu
+
     def _signal_group(self, sig: int) -> None:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -165,7 +172,7 @@ class Vm:
     def _run_on_terminal(self, env: dict[str, str]) -> int:
         with terminal_restored(sys.stdin.fileno()):
             self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, stderr=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent)
+                                         preexec_fn=self._in_child)
             return self._wait(lambda: None)
 
     def _run_piped(self, env: dict[str, str]) -> tuple[int, bytes]:
@@ -176,7 +183,7 @@ class Vm:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=self._in_child,
         )
         console = ConsoleFilter(sys.stdout.fileno())
         uml_log: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)

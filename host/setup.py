@@ -41,11 +41,7 @@ setup(
     packages=["apppot_host", "apppot_guest"],
     package_data={"apppot_guest": ["exclude.default"]},
     python_requires=">=3.11",
-    entry_points={
-        "console_scripts": [
-            "apppot-start = apppot_host.start:main",
-            "apppot-submit = apppot_host.submit:main",
-            "apppot-build-image = apppot_host.build_image:main",
-        ],
-    },
+    # Plain scripts (the checkout's own, staged by build_deb), not console_scripts:
+    # setuptools' entry-point wrapper imports importlib.metadata at every start.
+    scripts=["apppot-start", "apppot-submit", "apppot-build-image"],
 )

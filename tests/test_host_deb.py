@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from apppot_host import mkrootfs
-from fixtures_debian import host_tool, in_tree, source_version
+from fixtures_debian import CHECKOUT, host_tool, in_tree, source_version
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +59,11 @@ def test_apt_installs_the_launcher_the_kernel_and_the_guest_package(host_tree: P
     assert in_tree(host_tree, "sh", "-c", commands).stdout.split() == [
         "/usr/bin/apppot-start", "/usr/bin/apppot-submit", "/usr/sbin/apppot-build-image"]
     assert in_tree(host_tree, "apppot-start", "--version").stdout == f"apppot-start {source_version()}\n"
+    for command, name in ((CHECKOUT / "apppot-start", "/usr/bin/apppot-start"),
+                          (CHECKOUT / "apppot-submit", "/usr/bin/apppot-submit"),
+                          (CHECKOUT / "apppot-build-image", "/usr/sbin/apppot-build-image")):
+        # The checkout's plain scripts, not setuptools' entry-point wrappers (importlib.metadata at every start).
+        assert (host_tree / name.lstrip("/")).read_bytes() == command.read_bytes(), name
     where = in_tree(host_tree, "python3", "-c", "import apppot_host.start as m; print(m.__file__)").stdout
     assert where == "/usr/lib/python3/dist-packages/apppot_host/start.py\n"
     assert (host_tree / "usr/lib/apppot/linux").read_bytes() == uml_kernel.read_bytes()

@@ -228,3 +228,42 @@ def test_deltas_do_not_carry_the_machine_id_and_paths_with_spaces_and_commas_wor
         ids.append((shared_jobdir / f"id{n}").read_text().strip())
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
     assert len(set(ids)) == len(ids), f"boots share a machine ID: {ids}"
+
+
+def cpus_allowed(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split()[1]
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: there is nothing to pin")
+def test_uml_and_its_helpers_run_on_one_cpu_unless_told_any(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
+    """The guest's system calls and page faults hand off between UML's host processes: on one CPU
+    (uml_host.choose_cpu).  Every process of the VM (kernel, address spaces, I/O thread, vde_plug) is pinned."""
+    everywhere = cpus_allowed(os.getpid())
+    runs = {}
+    for option in ("auto", "any", str(max(os.sched_getaffinity(0)))):
+        jobdir = uml_jobdir / f"cpu-{option}"
+        jobdir.mkdir()
+        os.chown(jobdir, uml_user.uid, uml_user.gid)
+        runs[option] = (launch(uml_user, apppot_image, jobdir, "sh", "-c", "touch started; sleep 300", options=("--cpu", option)), jobdir)
+    for option, (proc, jobdir) in runs.items():
+        wait_for(jobdir / "started", proc)
+        uml = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True).stdout.split()
+        assert len(uml) == 1, uml  # UML's main process leads its own process group: the whole VM
+        group = subprocess.run(["pgrep", "-g", uml[0]], capture_output=True, text=True, check=True).stdout.split()
+        threads = [int(tid) for pid in group for tid in os.listdir(f"/proc/{pid}/task")]
+        allowed = {cpus_allowed(tid) for tid in threads}
+        assert len(threads) >= 3, threads  # the kernel, the job's address space, the I/O thread (and vde_plug)
+        if option == "any":
+            assert allowed == {everywhere}, allowed
+        elif option == "auto":
+            assert len(allowed) == 1 and allowed.pop().isdigit(), allowed
+        else:
+            assert allowed == {option}, allowed
+    for proc, _ in runs.values():
+        proc.send_signal(signal.SIGTERM)
+    for proc, _ in runs.values():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, err

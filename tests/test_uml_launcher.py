@@ -240,3 +240,26 @@ def test_the_exit_code_table_is_the_one_in_the_code_in_help_and_readme() -> None
     named = {code for code, _ in uml_launch.EXIT_CODES}
     assert {str(c) for c in (uml_launch.EXIT_TIMEOUT, uml_launch.EXIT_LAUNCHER, uml_launch.EXIT_CHECK_FAILED,
                              EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE)} <= named
+
+
+def test_cpu_choice_auto_any_a_number_and_the_cpu_list_notation() -> None:
+    from apppot_host.uml_host import choose_cpu, cpu_list, current_cpu
+
+    allowed = os.sched_getaffinity(0)
+    assert cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and cpu_list({3}) == "3"
+    assert current_cpu() in set(range(os.cpu_count() or 1))
+    cpu, why = choose_cpu("auto")
+    assert cpu in allowed and cpu_list(allowed) in why
+    assert choose_cpu("any")[0] is None
+    assert choose_cpu(str(min(allowed)))[0] == min(allowed)
+
+
+@pytest.mark.parametrize(("value", "message"), [("x", "--cpu x: give a CPU number, 'auto' or 'any'"),
+                                                ("-1", "--cpu -1: give a CPU number"),
+                                                ("4096", "--cpu 4096: not one of the CPUs this process may use")])
+def test_a_bad_cpu_is_one_line_and_exit_2(tmp_path: Path, image: Path, value: str, message: str) -> None:
+    hows: list[list[str]] = [["--cpu", value], []]  # the option, then $APPPOT_CPU
+    for how in hows:
+        result = launcher("--dry-run", "--image", image, "--jobdir", tmp_path, *how, "true",
+                          env={"APPPOT_CPU": value} if not how else None)
+        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result
