@@ -44,7 +44,6 @@ setup(
         ("/etc/apt/preferences.d", ["etc/apt/preferences.d/apppot"]),
         # Not configuration: what a boot needs (docs/package.md).  apppot.service
         # itself and the masks come from debian/ (dh_installsystemd, dh_link).
-        ("/usr/lib/apppot", ["usr/lib/apppot/network-up"]),
         ("/usr/lib/systemd/system", ["usr/lib/systemd/system/apppot-batch.target",
                                      "usr/lib/systemd/system/apppot-network.service"]),
         ("/usr/lib/systemd/system/systemd-remount-fs.service.d",

@@ -27,7 +27,7 @@ from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_path
 from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
 from .status import Status, status_of, write_status
-from .system import Mounter, dpkg_running, early_mounts, network_interfaces, network_up, power_off, reap_orphans
+from .system import Mounter, dpkg_running, early_mounts, in_uml, network_interfaces, network_up, power_off, reap_orphans
 
 if TYPE_CHECKING:
     import argparse
@@ -56,6 +56,7 @@ exit codes (the job's, also in apppot.exitcode in the job directory):
   126    not executable              127    command not found
   2      bad option, or not run as root
   with --print-config: 0, or 3 for a bad kernel command line
+  with --network-up: 0, or 8 when the interface cannot be configured
 """
 
 
@@ -250,6 +251,7 @@ class Options:
     """apppot-init's options; a boot passes none (see ``parse_options``)."""
 
     print_config: bool = False
+    network_up: bool = False
     cmdline: Path | None = None
     root: Path = Path("/")
     bind: bool = False
@@ -270,6 +272,9 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--print-config", action="store_true", help="print the parsed kernel command line as JSON and exit")
+    parser.add_argument("--network-up", action="store_true",
+                        help="only bring up the guest's network (slirp's 10.0.2.15/24, gateway 10.0.2.2) and exit: "
+                        "apppot-network.service, in a full boot")
     parser.add_argument("--cmdline", type=Path, metavar="FILE", help="read the kernel command line from FILE (default: /proc/cmdline)")
     parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR", help="act on the system under DIR (testing; default /)")
     parser.add_argument("--bind", action="store_true",
@@ -316,17 +321,26 @@ def cmd_print_config(args: Options) -> int:
     return 0
 
 
+def bring_up_network() -> None:
+    """The guest's network (system.network_up); a failure is said, and the job runs without it."""
+    try:
+        dev = network_up()
+        log.info("network: %s", f"{dev} as 10.0.2.15/24, gateway 10.0.2.2" if dev else "no interface, only lo")
+    except AppPotError as exc:
+        log.warning("%s", exc)
+
+
 def cmd_boot(args: Options, pid1: bool) -> int | None:
     """The boot sequence; the job's exit code, or None when nothing may be done (dpkg runs)."""
     layout = Layout(root=args.root, hostfs=not args.bind, console=args.console)
     if pid1:
         early_mounts(layout.root)
-        if layout.root == Path("/"):
-            network_up()
-        else:  # a PID namespace on a host (tests): follow its processes, not the host's
+        if layout.root != Path("/"):  # a PID namespace on a host (tests): follow its processes, not the host's
             import psutil
 
             psutil.PROCFS_PATH = os.fspath(layout.root / "proc")
+    if layout.root == Path("/") and in_uml():  # a batch boot starts no apppot-network.service: the network is ours
+        bring_up_network()
     reason = dpkg_running(layout.root)
     if reason:
         log.warning("not running a job while dpkg runs (%s)", reason)
@@ -365,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         report(PROG, UsageError("must run as root (it is the boot hook)"))
         return UsageError.exit_code
+    if args.network_up:
+        try:
+            dev = network_up()
+        except AppPotError as exc:
+            report(PROG, exc)
+            return exc.exit_code
+        print(f"{PROG}: network: {dev} as 10.0.2.15/24, gateway 10.0.2.2" if dev else f"{PROG}: network: no interface, only lo")
+        return 0
     code: int | None = EXIT_SETUP_FAILED
     try:
         code = cmd_boot(args, pid1)

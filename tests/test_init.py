@@ -21,6 +21,7 @@ from fixtures_user import free_id, require_root, shared_tmp  # noqa: F401
 
 PY = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 ENV.pop("DPKG_MAINTSCRIPT_NAME", None)
 NAME = "apppot-job"
@@ -424,25 +425,31 @@ def test_bad_defaults_file_is_setup_failed(scratch: tuple[Path, Path, int]) -> N
 @pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare(1) and ip(8)")
 @pytest.mark.parametrize("interface", ["vec0", "eth0", None])
 def test_network_up_configures_whatever_interface_the_guest_has(interface: str | None) -> None:
-    """The package's network-up script (run by apppot-network.service and by apppot-init as PID 1),
-    in a fresh network namespace with a veth standing in for UML's interface, or none at all."""
+    """system.network_up (run in-process by apppot-init before a job, and by apppot-network.service as
+    `apppot-init --network-up`), in a fresh network namespace with a veth standing in for UML's interface,
+    or none at all.  The second run (the unit's, then the hook's in a full boot) leaves it as it is."""
     probe = subprocess.run(["unshare", "--net", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
                            capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"no veth interfaces here: {probe.stderr.strip()}")
     make = f"ip link add {interface} type veth peer name zzpeer; " if interface else ""
-    setup = (f"set -e; mount -t sysfs sysfs /sys; {make}sh usr/lib/apppot/network-up; "
-             "ip -o link show lo; ip -o -4 address show; ip route show default")
+    setup = (f"set -e; mount -t sysfs sysfs /sys; {make}"
+             f"{PYTHON} -m apppot_guest.init --network-up; "
+             f"{PYTHON} -c 'from apppot_guest.system import network_up; print(network_up())'; "
+             "ip -o link show lo; ip -o -4 address show; ip route show")
     out = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", setup],
                          capture_output=True, text=True, env=ENV, cwd=REPO, check=False)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert ",UP" in lines[0]
     if interface is None:
-        assert len(lines) == 2 and "127.0.0.1" in lines[1], out.stdout  # lo only, no default route
+        assert lines[:2] == ["apppot-init: network: no interface, only lo", "None"], out.stdout
+        assert ",UP" in lines[2] and len(lines) == 4 and "127.0.0.1" in lines[3], out.stdout  # lo only, no route
     else:
+        assert lines[:2] == [f"apppot-init: network: {interface} as 10.0.2.15/24, gateway 10.0.2.2", interface], out.stdout
+        assert ",UP" in lines[2]
         assert any(f"{interface}    inet 10.0.2.15/24" in line for line in lines), out.stdout
-        assert lines[-1].startswith(f"default via 10.0.2.2 dev {interface}")
+        routes = [" ".join(line.split()[:5]) for line in lines if line.startswith(("default", "10.0.2."))]
+        assert routes == [f"default via 10.0.2.2 dev {interface}", f"10.0.2.0/24 dev {interface} proto kernel"], out.stdout
 
 
 def test_account_keeps_the_packages_sudo_rule_for_the_same_user(scratch: tuple[Path, Path, int]) -> None:
