@@ -5,7 +5,9 @@
 
 The floor is the same kernel booting the same image (same COW set-up, memory
 and console) with ``init=/bin/true``: kernel, root mount, one process, and
-UML's exit when init ends.  Each round runs the floor and every case once,
+UML's exit when init ends; on one CPU (taskset), as apppot-start runs UML, and
+also not pinned.  Each mode is measured with ``--cpu any`` too: what pinning
+UML to one CPU gives.  Each round runs the floor and every case once,
 interleaved, so load on the machine hits them alike; medians and the ratio to
 the floor are reported, with the targets (batch <= 0.7 s, direct <= 0.4 s).
 
@@ -31,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from apppot_host.uml_host import current_cpu
+
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent
 LAUNCHER = CHECKOUT / "apppot-start"
@@ -39,6 +43,7 @@ DEBIAN_KERNEL = Path("/usr/bin/linux")
 PYTHON = "/usr/bin/python3"
 MEM = "1024M"
 BEGIN, END = "<!-- boot -->", "<!-- /boot -->"
+PIN = "pin"  # a case's argv[0]: run the rest with taskset on the CPU we run on
 TARGETS = {"batch": 0.7, "direct": 0.4}  # seconds, median, on the 2-core reference machine
 # Run by root (make bench-boot under sudo), the boots run as the sudo user (else uid 1000).
 USER_ID = (int(os.environ.get("SUDO_UID") or 1000), int(os.environ.get("SUDO_GID") or 1000))
@@ -50,8 +55,13 @@ def as_user(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={USER_ID[0]}", f"--regid={USER_ID[1]}", "--clear-groups", *argv]
 
 
+def pinned(argv: list[str]) -> list[str]:
+    """A bare UML boot on one CPU, as apppot-start runs UML (--cpu auto: the CPU it runs on)."""
+    return ["taskset", "-c", str(current_cpu()), *argv]
+
+
 def timed(argv: list[str], cwd: Path, *, any_exit: bool = False) -> tuple[float, str]:
-    argv = as_user(argv)
+    argv = as_user(pinned(argv[1:]) if argv[0] == PIN else argv)
     start = time.monotonic()
     result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
     elapsed = time.monotonic() - start
@@ -70,7 +80,8 @@ def cases(image: Path, work: Path, debian: bool) -> dict[str, tuple[list[str], b
     """name -> (argv, any exit code is fine)"""
     start = [PYTHON, os.fspath(LAUNCHER), "--image", os.fspath(image), "--ephemeral", "--mem", MEM, "--jobdir", os.fspath(work)]
     plan = {
-        "floor: the same kernel, init=/bin/true": (floor_argv(KERNEL, image, work), True),
+        "floor: the same kernel, init=/bin/true, on one CPU": ([PIN, *floor_argv(KERNEL, image, work)], True),
+        "floor, not pinned: the same kernel, init=/bin/true": (floor_argv(KERNEL, image, work), True),
         "launcher alone: apppot-start --dry-run -- true": ([*start, "--dry-run", "--", "true"], False),
         "batch: apppot-start -- true": ([*start, "--", "true"], False),
         "batch, job start: apppot-start -- cat /proc/uptime": ([*start, "--", "cat", "/proc/uptime"], False),
@@ -79,9 +90,12 @@ def cases(image: Path, work: Path, debian: bool) -> dict[str, tuple[list[str], b
         "direct, job start: apppot-start --boot direct -- cat /proc/uptime":
             ([*start, "--boot", "direct", "--", "cat", "/proc/uptime"], False),
         "full: apppot-start --boot full -- true": ([*start, "--boot", "full", "--", "true"], False),
+        "batch, not pinned: apppot-start --cpu any -- true": ([*start, "--cpu", "any", "--", "true"], False),
+        "direct, not pinned: apppot-start --cpu any --boot direct -- true":
+            ([*start, "--cpu", "any", "--boot", "direct", "--", "true"], False),
     }
     if debian:
-        plan["Debian's UML kernel, floor: init=/bin/true"] = (floor_argv(DEBIAN_KERNEL, image, work), True)
+        plan["Debian's UML kernel, floor: init=/bin/true, on one CPU"] = ([PIN, *floor_argv(DEBIAN_KERNEL, image, work)], True)
         plan["Debian's UML kernel, batch: apppot-start --linux /usr/bin/linux --no-network -- true"] = (
             [*start, "--linux", os.fspath(DEBIAN_KERNEL), "--no-network", "--", "true"], False)
     return plan
@@ -148,7 +162,7 @@ def report(times: dict[str, list[float]], uptimes: dict[str, list[float]], image
     for name in names:
         t = times[name]
         lines.append(f"| {name} | {med[name]:.2f} | {min(t):.2f} | {max(t):.2f} | {med[name] / floor:.2f} |")
-    launcher = med[names[1]]
+    launcher = med[next(n for n in names if n.startswith("launcher alone"))]
     lines += ["", "Where the time of `apppot-start -- true` goes (medians):", "",
               "| mode | total s | launcher start s | guest boot to the job s | job, status, power-off, exit s |",
               "|---|---:|---:|---:|---:|"]
