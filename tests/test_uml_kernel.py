@@ -5,8 +5,8 @@ that cannot run on this CPU).  Real boots, as an unprivileged user unless a test
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
