@@ -65,18 +65,22 @@ def read_content(fd: int, size: int, extents: list[tuple[int, int]], h: hashlib.
     hash_zeros(h, size - position)
 
 
-def hash_fd(fd: int, sparse: bool = False) -> str:
-    """SHA-256 of the file's content; holes of a sparse file are hashed as zeros without reading them."""
+def hash_fd(fd: int, sparse: bool = False, size: int | None = None) -> str:
+    """SHA-256 of the file's content; holes of a sparse file are hashed as zeros without reading them.
+
+    ``size``: the file's size from an ``fstat`` of the caller's (else one is made here).
+    """
     h = hashlib.sha256()
-    size = os.fstat(fd).st_size
+    if size is None:
+        size = os.fstat(fd).st_size
     if not sparse and size <= CHUNK:  # the common small file: one read, no buffer of our own
-        data = os.pread(fd, size + 1, 0)
-        while len(data) <= size:
+        data = os.pread(fd, size + 1, 0)  # fewer than size + 1 bytes: the end of the file was reached
+        while len(data) < size:  # a short read: on to the end
             more = os.pread(fd, size + 1 - len(data), len(data))
             if not more:
                 break
             data += more
-        h.update(data)
+        h.update(data)  # more than size bytes: the file grew, which hash_file's second fstat tells
         return h.hexdigest()
     for _ in read_content(fd, size, data_extents(fd, size) if sparse else [(0, size)], h):
         pass
@@ -91,20 +95,21 @@ def hash_zeros(h: hashlib._Hash, count: int) -> None:
         count -= n
 
 
-def hash_file(full: bytes, sparse: bool) -> Digest:
+def hash_file(full: bytes, sparse: bool, dir_fd: int | None = None, name: bytes | None = None) -> Digest:
     """The hash of the file ``full`` and the size and mtime it had all the while it was read.
 
     A file rewritten while it is read is read again (three times at most): a hash
-    always belongs to the size and mtime recorded with it.
+    always belongs to the size and mtime recorded with it.  With ``dir_fd``, the file
+    is opened as ``name`` in that directory (``full`` names it in messages).
     """
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+        fd = os.open(full if dir_fd is None else name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY, dir_fd=dir_fd)  # type: ignore[arg-type]
     except OSError as exc:
         raise fs_error(exc, "read", full) from exc
     try:
         for _ in range(3):
             before = os.fstat(fd)
-            digest = hash_fd(fd, sparse)
+            digest = hash_fd(fd, sparse, before.st_size)
             after = os.fstat(fd)
             if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns):
                 return Digest(digest, after.st_size, after.st_mtime_ns)
@@ -118,5 +123,28 @@ def hash_file(full: bytes, sparse: bool) -> Digest:
 
 
 def hash_batch(root: bytes, files: list[tuple[bytes, bool]]) -> list[Digest]:
-    """Hash the files ``(rel, sparse)`` under ``root``: one task of a worker."""
-    return [hash_file(os.path.join(root, rel), sparse) for rel, sparse in files]
+    """Hash the files ``(rel, sparse)`` under ``root``: one task of a worker.
+
+    The files come in walk order, a directory's together: each is opened by its name in
+    its open directory, so the kernel resolves one component, not the whole path.
+    """
+    digests = []
+    current, dir_fd = None, None
+    try:
+        for rel, sparse in files:
+            parent, _, name = rel.rpartition(b"/")
+            if parent != current:
+                if dir_fd is not None:
+                    os.close(dir_fd)
+                    dir_fd = None
+                current = parent
+                where = os.path.join(root, parent) if parent else root
+                try:
+                    dir_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    dir_fd = None  # hash_file says what is wrong, by the file's full path
+            digests.append(hash_file(os.path.join(root, rel), sparse, dir_fd, name))
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return digests

@@ -211,29 +211,58 @@ _KIND_BYTES = {kind: kind.encode() for kind in Kind}
 
 
 def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_temporary: Callable[[bytes], object] | None) -> list[Planned]:
-    """The entries of one directory, each with its key, and its subdirectories' contents to come, in walk order."""
+    """The entries of one directory, each with its key, and its subdirectories' contents to come, in walk order.
+
+    Each entry is looked at by its name in the open directory (``lstat`` through the directory's
+    descriptor, ``listxattr`` from inside it), not by its full path: the kernel resolves one
+    component instead of every one of the path, a fifth of the walk's system time (measured).
+    """
     full_dir = os.path.join(broot, rel_dir) if rel_dir else broot
     try:
-        listing = list(os.scandir(full_dir))
+        dir_fd = os.open(full_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise fs_error(exc, "list", full_dir) from exc
+    try:
+        saved_cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        saved_cwd = None  # no way back to the working directory: stay in it and use full paths
+    temporaries: list[bytes] = []
+    try:
+        if saved_cwd is not None:
+            os.fchdir(dir_fd)
+        planned = _list_open_dir(dir_fd, full_dir, rel_dir, root_dev, exclude, temporaries, relative=saved_cwd is not None)
+    except OSError as exc:
+        raise fs_error(exc, "list", full_dir) from exc
+    finally:
+        if saved_cwd is not None:
+            os.fchdir(saved_cwd)
+            os.close(saved_cwd)
+        os.close(dir_fd)
+    if on_temporary is not None:
+        for path in temporaries:  # back in our working directory, where a relative root's paths hold
+            on_temporary(path)
+    return planned
+
+
+def _list_open_dir(dir_fd: int, full_dir: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder,
+                   temporaries: list[bytes], *, relative: bool) -> list[Planned]:
+    listing = list(os.scandir(dir_fd))
     excluded = exclude.in_directory(rel_dir)
     prefix = rel_dir + b"/" if rel_dir else b""
     planned: list[Planned] = []
     append = planned.append
     kinds, file_kind, dir_kind, link_kind = KIND_OF_MODE, Kind.FILE, Kind.DIR, Kind.SYMLINK
-    listxattr, s_ifmt, s_imode = os.listxattr, stat.S_IFMT, stat.S_IMODE
+    listxattr, s_ifmt, s_imode, fsencode, join = os.listxattr, stat.S_IFMT, stat.S_IMODE, os.fsencode, os.path.join
     for item in listing:
-        name = item.name
+        name = fsencode(item.name)
         rel = prefix + name
         if excluded and excluded(rel):
             continue
         if ANY_MARK in name and is_temporary(name):
-            if on_temporary is not None:
-                on_temporary(item.path)  # AppPot's own, live or left by a dead run: never recorded
+            temporaries.append(join(full_dir, name))  # AppPot's own, live or left by a dead run: never recorded
             continue
         try:
-            st = item.stat(follow_symlinks=False)
+            st = item.stat(follow_symlinks=False)  # fstatat(dir_fd, name)
             kind = kinds.get(s_ifmt(st.st_mode))
             if kind is None:
                 continue  # a socket: it cannot be archived and is recreated by its program
@@ -248,24 +277,25 @@ def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_
                 sparse = st.st_blocks * 512 < size
             elif kind is dir_kind:
                 if st.st_dev != root_dev:
-                    log.debug("not crossing into the mount point %s", os.fsdecode(item.path))
+                    log.debug("not crossing into the mount point %s", os.fsdecode(join(full_dir, name)))
                     continue
                 append((name + b"/", rel, None, False, None, 0))
             elif kind is link_kind:
-                target = os.readlink(item.path)
+                target = os.readlink(name, dir_fd=dir_fd)
+            here = name if relative else join(full_dir, name)  # relative: we are in the directory
             try:
-                has_xattrs = bool(listxattr(item.path, follow_symlinks=False))
+                has_xattrs = bool(listxattr(here, follow_symlinks=False))
             except OSError:
                 has_xattrs = True  # let read_xattrs tell "none" from a real error
             if target or has_xattrs or kind is Kind.CHAR or kind is Kind.BLOCK:
                 key = format_key(kind, s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, target, st.st_rdev,
-                                 read_xattrs(item.path) if has_xattrs else (), b"")
+                                 read_xattrs(here) if has_xattrs else (), b"")
             else:  # the common case, as format_key writes it
                 key = b"%s\t%o\t%d\t%d\t%d\t%d\t\t\t\t" % (_KIND_BYTES[kind], s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns)
             append((name, rel, key, sparse, inode, st.st_nlink))
         except FileNotFoundError:
             continue  # vanished while we looked: not part of this tree
         except OSError as exc:
-            raise fs_error(exc, "read", item.path) from exc
+            raise fs_error(exc, "read", join(full_dir, name)) from exc
     planned.sort(key=_by_sort_key)
     return planned

@@ -99,3 +99,22 @@ def test_sparse_hash_equals_the_plain_hash(tmp_path: Path) -> None:
         assert hash_fd(fd, sparse=True) == hash_fd(fd, sparse=False) == hashlib.sha256(f.read_bytes()).hexdigest()
     finally:
         os.close(fd)
+
+
+def test_walk_from_a_relative_root_leaves_our_working_directory_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """list_dir looks at entries from inside each directory (fchdir): the caller's working directory
+    is back after every listing, and AppPot's temporaries are named by paths that hold from it."""
+    from apppot_guest.atomicfile import temp_name
+
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "file").write_text("x")
+    (tree / "a" / "link").symlink_to("b/file")
+    temporary = tree / "a" / temp_name("file")
+    temporary.write_text("half-written")
+    monkeypatch.chdir(tmp_path)
+    seen: list[bytes] = []
+    paths = [path for path, _key, _sparse in walk(Path("tree"), Excluder([]), on_temporary=seen.append)]
+    assert paths == [b"a", b"a/b", b"a/b/file", b"a/link"]
+    assert os.getcwd() == os.fspath(tmp_path)
+    assert seen == [os.fsencode(Path("tree") / "a" / temporary.name)] and os.path.exists(seen[0])
