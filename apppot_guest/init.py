@@ -27,7 +27,17 @@ from .cmdline import BootConfig, parse_cmdline, read_cmdfile, salvage_path
 from .errors import AppPotError, ConfigError, UsageError, display_path, fs_error
 from .job import EXIT_SETUP_FAILED, JobResult, JobSpec, Outcome, console_session, run_job
 from .status import Status, status_of, write_status
-from .system import Mounter, dpkg_running, early_mounts, in_uml, network_interfaces, network_up, power_off, reap_orphans
+from .system import (
+    Mounter,
+    dpkg_running,
+    early_mounts,
+    in_uml,
+    network_interfaces,
+    network_summary,
+    network_up,
+    power_off,
+    reap_orphans,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -324,8 +334,7 @@ def cmd_print_config(args: Options) -> int:
 def bring_up_network() -> None:
     """The guest's network (system.network_up); a failure is said, and the job runs without it."""
     try:
-        dev = network_up()
-        log.info("network: %s", f"{dev} as 10.0.2.15/24, gateway 10.0.2.2" if dev else "no interface, only lo")
+        log.info("%s", network_summary(network_up()))
     except AppPotError as exc:
         log.warning("%s", exc)
 
@@ -385,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         except AppPotError as exc:
             report(PROG, exc)
             return exc.exit_code
-        print(f"{PROG}: network: {dev} as 10.0.2.15/24, gateway 10.0.2.2" if dev else f"{PROG}: network: no interface, only lo")
+        print(f"{PROG}: {network_summary(dev)}")
         return 0
     code: int | None = EXIT_SETUP_FAILED
     try:

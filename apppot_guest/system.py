@@ -235,6 +235,11 @@ def network_up(sys_class_net: Path = Path("/sys/class/net")) -> str | None:
         raise FsError(f"network: cannot configure the guest's interface: {exc.strerror or exc}") from exc
 
 
+def network_summary(dev: str | None) -> str:
+    """What network_up did, in words."""
+    return f"network: {dev} as {GUEST_ADDRESS}/24, gateway {GATEWAY}" if dev else "network: no interface, only lo"
+
+
 def network_interfaces(sys_class_net: Path) -> list[str]:
     """The network interfaces besides lo that are up (what the job can reach the network through)."""
     try:
