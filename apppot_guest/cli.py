@@ -18,7 +18,6 @@ code the error would have had without it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -28,6 +27,13 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from .errors import AppPotError, FsError, Interrupted, UsageError, display_path, one_line
+
+# typing.TYPE_CHECKING without importing typing, nor argparse, which apppot-init's boot
+# path needs neither of (each import costs milliseconds of every boot in UML); mypy and
+# ruff read any TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 

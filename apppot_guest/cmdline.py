@@ -40,11 +40,14 @@ import shlex
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .atomicfile import write_atomic
 from .errors import ConfigError, ProtocolError, display_path, fs_error
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (see cli.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 

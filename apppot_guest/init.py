@@ -18,7 +18,6 @@ import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from . import __version__
 from .account import Account, ensure_account, login_env, requested_account
@@ -39,6 +38,7 @@ from .system import (
     reap_orphans,
 )
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (see cli.py)
 if TYPE_CHECKING:
     import argparse
 
