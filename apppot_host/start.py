@@ -62,8 +62,9 @@ memory: inside a Slurm job (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU times
 cpu: the guest has one CPU, and UML runs it as several host processes that hand
   control to each other at every system call and page fault of the guest; on one
   host CPU those hand-offs are several times faster, so apppot-start pins UML to
-  one (--cpu auto: the one it runs on, of those it may use, such as a batch
-  system's cpuset).  --cpu any leaves the placement to the host's scheduler.
+  one (--cpu auto: of those it may use, such as a batch system's cpuset, one
+  with the fewest AppPot VMs, preferring the one apppot-start runs on).
+  --cpu any leaves the placement to the host's scheduler.
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--linux),
   APPPOT_CPU (--cpu), TMPDIR (where UML keeps the guest's memory: a directory not mounted noexec;
@@ -356,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=duration, metavar="DURATION",
                         help="stop the job after DURATION (exit 124): seconds (90, 90s), 30m, 1h, or Slurm's 1:30:00")
     parser.add_argument("--cpu", default=os.environ.get("APPPOT_CPU") or "auto", metavar="N|auto|any",
-                        help="the host CPU UML runs on: auto (default: $APPPOT_CPU, else the one apppot-start runs "
-                        "on), a number, or any (not pinned); see below")
+                        help="the host CPU UML runs on: auto (default: $APPPOT_CPU, else the one with the fewest "
+                        "AppPot VMs), a number, or any (not pinned); see below")
     parser.add_argument("--no-network", action="store_true", help="no network device in the guest")
     parser.add_argument("--boot", choices=[m.value for m in BootMode], help="how the guest boots (see below)")
     parser.add_argument("--ephemeral", action="store_true", help="use a per-run copy-on-write file even for a writable image")

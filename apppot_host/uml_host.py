@@ -7,6 +7,7 @@ apppot_host.start.
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import shutil
@@ -14,6 +15,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+from apppot_guest.cmdline import PREFIX
 from apppot_guest.errors import ConfigError, UsageError, display_path
 
 KERNEL_NAME = "linux"
@@ -108,6 +110,30 @@ def current_cpu() -> int | None:
         return None
 
 
+def vms_per_cpu(proc: Path = Path("/proc")) -> collections.Counter[int]:
+    """How many AppPot VMs run pinned to each CPU: process groups of processes whose command line
+    speaks AppPot's protocol (UML's kernel, its address spaces and I/O thread: one VM) and that may
+    use one CPU only.  Anyone's: a VM of another user takes a core just the same."""
+    groups: dict[int, int] = {}  # process group -> its CPU
+    marker = b"\0" + f"{PREFIX}protocol=".encode()  # a word of UML's argv, never its first
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                if marker not in f.read():
+                    continue
+            with open(os.path.join(entry.path, "stat"), "rb") as f:
+                stat = f.read()
+            with open(os.path.join(entry.path, "status"), "rb") as f:
+                allowed = next(line.split()[1] for line in f if line.startswith(b"Cpus_allowed_list:"))
+        except (OSError, StopIteration, IndexError):
+            continue  # gone, or not ours to read
+        if allowed.isdigit():
+            groups[int(stat[stat.rindex(b")") + 2:].split()[2])] = int(allowed)
+    return collections.Counter(groups.values())
+
+
 def choose_cpu(spec: str) -> tuple[int | None, str]:
     """The one host CPU UML is to run on, and why (None: the host's scheduler decides).
 
@@ -117,19 +143,26 @@ def choose_cpu(spec: str) -> tuple[int | None, str]:
     host CPUs each hand-off is a cross-CPU wake-up (in a virtual machine, an
     interrupt between virtual CPUs); on one CPU it is a plain context switch.
     Measured on a 2-core virtual machine: a guest system call 58 -> 7.5 us, a
-    page fault 86 -> 20 us, `apppot-start -- true` 2.0 -> 0.8 s (docs/benchmarks.md).
+    page fault 86 -> 20 us, `apppot-start -- true` 1.5 -> 0.7 s (docs/host.md).
 
-    ``auto`` takes the CPU the launcher runs on (where the host's scheduler
-    placed it, so jobs started side by side spread), one of those it may use
-    (a batch system's cpuset); ``any`` does not pin; a number pins to that CPU.
+    ``auto``: of the CPUs we may use (a batch system's cpuset), one with the
+    fewest AppPot VMs pinned to it, so VMs started side by side never share a
+    core while another is free; among those, the one the launcher runs on (where
+    the host's scheduler placed it), else the lowest.  ``any`` does not pin; a
+    number pins to that CPU.
     """
     allowed = os.sched_getaffinity(0)
     if spec == "any":
         return None, f"not pinned (--cpu any): the host's scheduler places UML's processes on {cpu_list(allowed)}"
     if spec == "auto":
+        vms = vms_per_cpu()
+        fewest = min(vms[cpu] for cpu in allowed)
+        candidates = {cpu for cpu in allowed if vms[cpu] == fewest}
         here = current_cpu()
-        cpu = here if here in allowed else min(allowed)
-        return cpu, f"the one the launcher runs on, of {cpu_list(allowed)}; UML's processes hand off to each other on one core"
+        cpu = here if here in candidates else min(candidates)
+        busy = sum(vms[c] for c in allowed)
+        return cpu, (f"of {cpu_list(allowed)}, one with the fewest AppPot VMs pinned to it ({fewest}, of {busy} in all)"
+                     f"{', where the launcher runs' if cpu == here else ''}; UML's processes hand off to each other on one core")
     if not spec.isdigit():
         raise UsageError(f"--cpu {display_path(spec)}: give a CPU number, 'auto' or 'any'")
     if int(spec) not in allowed:

@@ -240,15 +240,21 @@ def cpus_allowed(pid: int) -> str:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: there is nothing to pin")
 def test_uml_and_its_helpers_run_on_one_cpu_unless_told_any(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
     """The guest's system calls and page faults hand off between UML's host processes: on one CPU
-    (uml_host.choose_cpu).  Every process of the VM (kernel, address spaces, I/O thread, vde_plug) is pinned."""
+    (uml_host.choose_cpu).  Every process of the VM (kernel, address spaces, I/O thread, vde_plug) is pinned;
+    --cpu auto takes a CPU with the fewest AppPot VMs, so a second VM does not share the first one's core."""
+    from apppot_host.uml_host import vms_per_cpu
+
     everywhere = cpus_allowed(os.getpid())
+    allowed_cpus = os.sched_getaffinity(0)
+    pinned = str(max(allowed_cpus))
     runs = {}
-    for option in ("auto", "any", str(max(os.sched_getaffinity(0)))):
+    for option in (pinned, "auto", "any"):  # one at a time: auto sees the first VM on its CPU
         jobdir = uml_jobdir / f"cpu-{option}"
         jobdir.mkdir()
         os.chown(jobdir, uml_user.uid, uml_user.gid)
-        runs[option] = (launch(uml_user, apppot_image, jobdir, "sh", "-c", "touch started; sleep 300", options=("--cpu", option)), jobdir)
-    for option, (proc, jobdir) in runs.items():
+        before = vms_per_cpu()
+        proc = launch(uml_user, apppot_image, jobdir, "sh", "-c", "touch started; sleep 300", options=("--cpu", option))
+        runs[option] = (proc, jobdir)
         wait_for(jobdir / "started", proc)
         uml = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True).stdout.split()
         assert len(uml) == 1, uml  # UML's main process leads its own process group: the whole VM
@@ -259,7 +265,10 @@ def test_uml_and_its_helpers_run_on_one_cpu_unless_told_any(uml_user: Account, a
         if option == "any":
             assert allowed == {everywhere}, allowed
         elif option == "auto":
-            assert len(allowed) == 1 and allowed.pop().isdigit(), allowed
+            assert len(allowed) == 1 and allowed_cpus >= {int(cpu) for cpu in allowed}, allowed
+            cpu = int(allowed.pop())
+            assert before[cpu] == min(before[c] for c in allowed_cpus), (cpu, before)
+            assert before[int(pinned)] >= 1 and vms_per_cpu()[cpu] == before[cpu] + 1, (cpu, before)
         else:
             assert allowed == {option}, allowed
     for proc, _ in runs.values():

@@ -70,7 +70,8 @@ def test_check_says_what_a_job_would_use_and_boots_it(uml_user: Account, apppot_
     assert lines[0].startswith(f"kernel:   {uml_kernel} (AppPot's own kernel; 7.") and lines[0].endswith("; static)")
     assert lines[1] == f"image:    {apppot_image} (read-only: each job gets its own copy-on-write file)"
     assert lines[2].startswith("network:  ") and "vde_plug with libvdeplug-slirp" in lines[2]
-    assert re.fullmatch(r"cpu:      \d+ \(the one the launcher runs on, of [\d,-]+; .*\)", lines[3]), lines[3]
+    assert re.fullmatch(r"cpu:      \d+ \(of [\d,-]+, one with the fewest AppPot VMs pinned to it \(\d+, of \d+ in all\).*\)",
+                        lines[3]), lines[3]
     assert lines[4].startswith("tmpdir:   ")
     assert lines[5].startswith("boot:     `true` in batch mode: exit 0 in ") and "(network interfaces: vec0)" in lines[5]
     assert lines[-1] == "apppot-start: a job would run on this host"
