@@ -332,11 +332,14 @@ def cmd_print_config(args: Options) -> int:
 
 
 def bring_up_network() -> None:
-    """The guest's network (system.network_up); a failure is said, and the job runs without it."""
+    """The guest's network (system.network_up); a failure, even a bug, is said and the job runs
+    without it: its record's ``network`` is empty, and apppot-start warns about that."""
     try:
         log.info("%s", network_summary(network_up()))
     except AppPotError as exc:
         log.warning("%s", exc)
+    except Exception as exc:
+        log.warning("network: internal error: %r", exc)
 
 
 def cmd_boot(args: Options, pid1: bool) -> int | None:
