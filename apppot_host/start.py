@@ -108,10 +108,34 @@ def resolve_disk(spec: str, run: RunDir, ephemeral: bool) -> tuple[str, Disk, tu
         cow = real_path(cow_text)
         if not cow.parent.is_dir():
             raise UsageError(f"COW file {display_path(cow_text)}: its directory does not exist")
+        if not os.path.lexists(cow):  # UML makes it (O_EXCL: of two VMs making one file, the second fails)
+            return f"{run.safe(cow, 'cow-file')},{run.safe(image, 'image')}", Disk.USER_COW, ((image, False),)
+        problem = cow_problem(cow)
+        if problem is not None:
+            raise UsageError(f"COW file {display_path(cow_text)}: {problem}; name a file that does not exist yet and "
+                             "the kernel makes a new one")
         return f"{run.safe(cow, 'cow-file')},{run.safe(image, 'image')}", Disk.USER_COW, ((cow, True), (image, False))
     if image_writable(image) and not ephemeral:
         return os.fspath(run.safe(image, "image")), Disk.IN_PLACE, ((image, True),)
     return f"{run.path / 'cow'},{run.safe(image, 'image')}", Disk.PER_RUN_COW, ((image, False),)
+
+
+COW_MAGICS = (b"OOOM", b"MOOO")  # UML's COW header: its magic 0x4f4f4f4d, big-endian (versions 2, 3) or the host's (1)
+
+
+def cow_problem(cow: Path) -> str | None:
+    """Why the existing file ``cow`` is not a UML copy-on-write file (None: it is one).  UML itself
+    panics on such a file ("Unable to mount root fs") instead of saying so."""
+    try:
+        with open(cow, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        return exc.strerror or "cannot be read"
+    if not magic:
+        return "empty, not a UML copy-on-write file"
+    if magic not in COW_MAGICS:
+        return "not a UML copy-on-write file (no COW header)"
+    return None
 
 
 def image_writable(image: Path) -> bool:

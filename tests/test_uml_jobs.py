@@ -122,6 +122,23 @@ def test_a_writable_image_booted_twice_is_refused_at_once(
             first.kill()
 
 
+def test_your_own_cow_file_is_made_by_the_first_run_and_kept(uml_user: Account, apppot_image: Path, uml_jobdir: Path) -> None:
+    """--image COW:IMAGE with a COW file that does not exist yet: the kernel makes it, the next run boots
+    it with what the first one changed, and the shared image is left as it was."""
+    cow = uml_jobdir / "mine.cow"
+    image_before = apppot_image.stat()
+    runs = []
+    for prog in (["sh", "-c", "echo kept > /home/user/mark"], ["cat", "/home/user/mark"]):
+        run = subprocess.run(as_user(uml_user, [PYTHON, LAUNCHER, "--image", f"{cow}:{apppot_image}", "--jobdir", uml_jobdir,
+                                                "--no-network", "--", *prog]),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False)
+        runs.append(run)
+        assert run.returncode == 0, run.stderr
+    assert runs[1].stdout == "kept\n"
+    assert cow.read_bytes()[:4] == b"OOOM" and cow.stat().st_uid == uml_user.uid
+    assert (apppot_image.stat().st_mtime_ns, apppot_image.stat().st_size) == (image_before.st_mtime_ns, image_before.st_size)
+
+
 def test_no_command_and_no_terminal_is_refused_before_booting(start_job: Start, uml_jobdir: Path) -> None:
     result = start_job(uml_jobdir)  # stdin /dev/null, stdout a pipe: a batch script that forgot its command
     assert result.returncode == 2

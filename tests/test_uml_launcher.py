@@ -70,6 +70,19 @@ def test_dry_run_writable_image_is_used_in_place_and_cow_image_form(tmp_path: Pa
     assert words(dry_run("--image", image, "--jobdir", tmp_path, "--ephemeral", "true"))["ubd0"].endswith(f"/cow,{image.resolve()}")
     cow = tmp_path / "mine.cow"
     assert words(dry_run("--image", f"{cow}:{image}", "--jobdir", tmp_path, "true"))["ubd0"] == f"{cow},{image.resolve()}"
+    assert not cow.exists()  # UML makes it when it boots
+
+
+@pytest.mark.parametrize(("content", "problem"), [(b"", "empty, not a UML copy-on-write file"),
+                                                  (b"\0" * 4096, "not a UML copy-on-write file (no COW header)")])
+def test_a_cow_file_that_is_not_one_is_refused_in_one_line(tmp_path: Path, image: Path, content: bytes, problem: str) -> None:
+    """UML itself panics on it ("Unable to mount root fs"), and the file could be someone's data."""
+    cow = tmp_path / "mine.cow"
+    cow.write_bytes(content)
+    result = launcher("--dry-run", "--image", f"{cow}:{image}", "--jobdir", tmp_path, "true")
+    assert result.returncode == 2 and result.stderr == f"apppot-start: error: COW file {cow}: {problem}; name a file that " \
+        "does not exist yet and the kernel makes a new one\n", result.stderr
+    assert cow.read_bytes() == content
 
 
 def test_dry_run_options_and_environment_defaults(tmp_path: Path, image: Path) -> None:
