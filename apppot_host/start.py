@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -110,7 +111,7 @@ def resolve_disk(spec: str, run: RunDir, ephemeral: bool) -> tuple[str, Disk, tu
             raise UsageError(f"COW file {display_path(cow_text)}: its directory does not exist")
         if not os.path.lexists(cow):  # UML makes it (O_EXCL: of two VMs making one file, the second fails)
             return f"{run.safe(cow, 'cow-file')},{run.safe(image, 'image')}", Disk.USER_COW, ((image, False),)
-        problem = cow_problem(cow)
+        problem = cow_problem(cow, image)
         if problem is not None:
             raise UsageError(f"COW file {display_path(cow_text)}: {problem}; name a file that does not exist yet and "
                              "the kernel makes a new one")
@@ -121,21 +122,42 @@ def resolve_disk(spec: str, run: RunDir, ephemeral: bool) -> tuple[str, Disk, tu
 
 
 COW_MAGICS = (b"OOOM", b"MOOO")  # UML's COW header: its magic 0x4f4f4f4d, big-endian (versions 2, 3) or the host's (1)
+# Version 3 of UML's COW header (arch/um/drivers/cow_user.c), big-endian: magic, version, the backing
+# file's mtime and size, sector size, alignment, format, then the backing file's path (4096 bytes).
+COW_V3 = struct.Struct(">4sIIQIII4096s")
 
 
-def cow_problem(cow: Path) -> str | None:
-    """Why the existing file ``cow`` is not a UML copy-on-write file (None: it is one).  UML itself
-    panics on such a file ("Unable to mount root fs") instead of saying so."""
+def cow_problem(cow: Path, image: Path) -> str | None:
+    """Why the existing file ``cow`` cannot be booted over ``image`` (None: it can).
+
+    UML itself panics on a file that is not a COW file ("Unable to mount root fs"), and
+    over another image, or an image changed since, it silently boots the image the COW
+    file names instead, if that one still fits, or panics.
+    """
     try:
         with open(cow, "rb") as f:
-            magic = f.read(4)
+            header = f.read(COW_V3.size)
+        st = image.stat()
     except OSError as exc:
         return exc.strerror or "cannot be read"
-    if not magic:
+    if not header:
         return "empty, not a UML copy-on-write file"
-    if magic not in COW_MAGICS:
+    if header[:4] not in COW_MAGICS:
         return "not a UML copy-on-write file (no COW header)"
-    return None
+    if len(header) < COW_V3.size or COW_V3.unpack(header)[1] != 3 or not COW_V3.unpack(header)[7][:1].strip(b"\0"):
+        return None  # an older header (UML checks it itself)
+    _, _, mtime, size, _, _, _, raw = COW_V3.unpack(header)
+    backing = raw.split(b"\0", 1)[0]
+    if (size, mtime) == (st.st_size, int(st.st_mtime) & 0xFFFFFFFF):
+        return None  # the same image, or a copy of it as it was (UML switches to it)
+    try:
+        same = os.path.samefile(backing, image)
+    except OSError:
+        same = False
+    if same:
+        return (f"the image {display_path(image)} changed since the COW file was made over it (its size or modification "
+                "time differ), so the COW file's blocks no longer fit it")
+    return f"it was made over {display_path(os.fsdecode(backing))}, not {display_path(image)} (give that image to go on with it)"
 
 
 def image_writable(image: Path) -> bool:

@@ -136,6 +136,11 @@ def test_your_own_cow_file_is_made_by_the_first_run_and_kept(uml_user: Account, 
         assert run.returncode == 0, run.stderr
     assert runs[1].stdout == "kept\n"
     assert cow.read_bytes()[:4] == b"OOOM" and cow.stat().st_uid == uml_user.uid
+    other = uml_jobdir / "other.img"  # the COW file the kernel wrote names its image: another one is refused
+    other.write_bytes(b"\0" * 4096)
+    refused = subprocess.run(as_user(uml_user, [PYTHON, LAUNCHER, "--image", f"{cow}:{other}", "--jobdir", uml_jobdir, "--", "true"]),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and f"it was made over {apppot_image}, not {other}" in refused.stderr, refused.stderr
     assert (apppot_image.stat().st_mtime_ns, apppot_image.stat().st_size) == (image_before.st_mtime_ns, image_before.st_size)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 from pathlib import Path
 
@@ -276,3 +277,26 @@ def test_a_bad_cpu_is_one_line_and_exit_2(tmp_path: Path, image: Path, value: st
         result = launcher("--dry-run", "--image", image, "--jobdir", tmp_path, *how, "true",
                           env={"APPPOT_CPU": value} if not how else None)
         assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result
+
+
+def uml_cow_header(backing: Path, size: int, mtime: int) -> bytes:
+    """The start of a COW file as UML's kernel writes it (version 3, big-endian; arch/um/drivers/cow_user.c)."""
+    return struct.pack(">4sIIQIII4096s", b"OOOM", 3, mtime, size, 512, 512, 0, os.fsencode(backing))
+
+
+def test_a_cow_file_is_booted_only_over_the_image_it_was_made_over_as_that_was(tmp_path: Path, image: Path) -> None:
+    """Else UML boots the image the COW file names instead, without a word, or panics."""
+    cow, other = tmp_path / "mine.cow", tmp_path / "other.img"
+    other.write_bytes(b"\0" * 8192)
+    st = image.stat()
+    cow.write_bytes(uml_cow_header(image, st.st_size, int(st.st_mtime)))
+    assert words(dry_run("--image", f"{cow}:{image}", "--jobdir", tmp_path, "true"))["ubd0"] == f"{cow},{image.resolve()}"
+    fix = "; name a file that does not exist yet and the kernel makes a new one\n"
+    result = launcher("--dry-run", "--image", f"{cow}:{other}", "--jobdir", tmp_path, "true")
+    assert (result.returncode, result.stderr) == (2, f"apppot-start: error: COW file {cow}: it was made over {image.resolve()}, "
+                                                     f"not {other} (give that image to go on with it){fix}")
+    os.utime(image, (st.st_atime, st.st_mtime + 60))  # the image changed since
+    result = launcher("--dry-run", "--image", f"{cow}:{image}", "--jobdir", tmp_path, "true")
+    assert (result.returncode, result.stderr) == (2, f"apppot-start: error: COW file {cow}: the image {image.resolve()} changed "
+                                                     "since the COW file was made over it (its size or modification time "
+                                                     f"differ), so the COW file's blocks no longer fit it{fix}")
