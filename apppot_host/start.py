@@ -31,9 +31,9 @@ from apppot_guest.cli import add_output_options, run_main
 from apppot_guest.cmdline import PROTOCOL, TERM_RE, BootConfig, fit_kernel_args
 from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_path, exit_codes_help
 from .allocation import guest_memory
-from .uml_host import choose_cpu, find_kernel, kernel_description, network_helper, uml_tmpdir
+from .uml_host import choose_cpu, find_kernel, host_memory_mib, kernel_description, network_helper, uml_tmpdir
 from .uml_launch import EXIT_CHECK_FAILED, EXIT_CODES, EXIT_LAUNCHER, PROG, Disk, Plan, launch
-from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, parse_duration
+from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, image_problem, parse_duration
 
 log = logging.getLogger("apppot-start")
 
@@ -101,10 +101,9 @@ def resolve_disk(spec: str, run: RunDir, ephemeral: bool) -> tuple[str, Disk, tu
     plain = ":" not in spec or os.path.isfile(spec)  # an image whose name has a colon is still an image
     cow_text, sep, image_text = ("", "", spec) if plain else spec.partition(":")
     image = real_path(image_text)
-    if not image.is_file():
-        raise UsageError(f"image {display_path(image_text)}: no such file")
-    if not os.access(image, os.R_OK):
-        raise UsageError(f"image {display_path(image_text)}: not readable")
+    problem = image_problem(image)
+    if problem is not None:
+        raise UsageError(f"image {display_path(image_text)}: {problem}")
     if sep:
         cow = real_path(cow_text)
         if not cow.parent.is_dir():
@@ -221,7 +220,12 @@ def job_ids(jobdir: Path, dry_run: bool) -> tuple[int | None, int | None]:
 def make_plan(args: argparse.Namespace, run: RunDir) -> Plan:
     if not args.image:
         raise UsageError("no image: give --image PATH or set APPPOT_IMAGE")
+    asked = args.mem
     args.mem, warning = guest_memory(args.mem, os.environ, DEFAULT_MEM)
+    host_mib = host_memory_mib()
+    if host_mib is not None and int(args.mem.removesuffix("M")) > host_mib:  # UML would be killed while it boots
+        raise UsageError(f"--mem {display_path(asked or args.mem)}: {args.mem.removesuffix('M')} MiB, more than this "
+                         f"host's memory ({host_mib} MiB)")
     if warning is not None:
         sys.stderr.write(f"{PROG}: warning: {warning}\n")
     if args.id is None:

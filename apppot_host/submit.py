@@ -51,7 +51,7 @@ from .submit_status import (
 )
 from .submit_status import exit_code as status_exit_code
 from .tasks import Task, array_spec, expand, parse_array, read_params
-from .uml_run import parse_size
+from .uml_run import image_problem, parse_size
 
 log = logging.getLogger("apppot-submit")
 
@@ -258,8 +258,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not image_text:
         raise UsageError("no image: give --image PATH or set APPPOT_IMAGE")
     image = Path(os.path.realpath(os.path.expanduser(image_text)))
-    if not image.is_file():
-        raise UsageError(f"image {display_path(image_text)}: no such file")
+    problem = image_problem(image)
+    if problem is not None:
+        raise UsageError(f"image {display_path(image_text)}: {problem}")
     sha = None
     if args.changes is not None:
         try:

@@ -87,7 +87,16 @@ def uml_tmpdir() -> tuple[str, str]:
                       "on a file system mounted without noexec")
 
 
-CPU_CHOICES = ("auto", "any")
+def host_memory_mib() -> int | None:
+    """The host's memory (MemTotal), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cpu_list(cpus: set[int]) -> str:

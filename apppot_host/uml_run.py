@@ -220,6 +220,25 @@ SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE
 SIZE_FACTORS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+EXT_MAGIC = (1080, b"\x53\xef")  # the superblock (at 1 KiB) of ext2/3/4 holds 0xEF53 at its offset 56, little-endian
+
+
+def image_problem(image: Path) -> str | None:
+    """Why ``image`` cannot be booted as an AppPot image (None: it can, as far as can be told without booting)."""
+    if not image.is_file():
+        return "no such file"
+    try:
+        with open(image, "rb") as f:
+            f.seek(EXT_MAGIC[0])
+            magic = f.read(2)
+    except OSError:
+        return "not readable"
+    if magic != EXT_MAGIC[1]:  # else the kernel panics: "VFS: Unable to mount root fs"
+        return ("not an ext2/3/4 file system; an AppPot image is a raw ext4 image, as apppot-build-image makes (not a "
+                "partitioned disk, a qcow2 file or a delta)")
+    return None
+
+
 def parse_size(text: str) -> str:
     """``--mem`` as UML's ``mem=`` (whole MiB, ``2048M``): 2g, 2G, 2048M, 2GiB, 2048 (MiB), 1.5G."""
     match = SIZE_RE.fullmatch(text.strip())

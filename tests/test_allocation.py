@@ -11,6 +11,7 @@ import pytest
 
 from apppot_guest.errors import UsageError
 from apppot_host.allocation import MARGIN_MIB, MARGIN_PERCENT, MIN_GUEST_MIB, Allocation, guest_memory, slurm_allocation
+from fixtures_uml import fake_image
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "apppot-start"
 
@@ -59,7 +60,7 @@ def test_an_allocation_too_small_for_uml_gets_the_minimum_and_a_warning() -> Non
 
 def test_apppot_start_sizes_the_guest_in_a_slurm_job(tmp_path: Path) -> None:
     image = tmp_path / "base.img"
-    image.write_bytes(b"\0" * 4096)
+    fake_image(image)
     env = {"PATH": os.environ["PATH"], "HOME": "/root", "SLURM_MEM_PER_NODE": "3000"}
 
     def mem_word(*options: str) -> tuple[str, str]:

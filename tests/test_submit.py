@@ -18,6 +18,7 @@ from apppot_host import submit
 from apppot_host.slurm import Record, parse_sacct, parse_scontrol
 from apppot_host.submit_status import Category, collect, exit_code, summary_line, table, task_status
 from apppot_host.tasks import Task, array_spec, expand, parse_array, read_params
+from fixtures_uml import fake_image
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 SUBMIT = CHECKOUT / "apppot-submit"
@@ -34,7 +35,7 @@ def run_submit(*args: str | os.PathLike[str], cwd: Path, path: str | None = None
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "base.img"
-    path.write_bytes(b"\0" * 4096)
+    fake_image(path)
     return path
 
 
@@ -137,6 +138,8 @@ def test_a_bad_parameters_file_is_refused_naming_the_line(tmp_path: Path, text: 
     (["--image", "IMAGE", "--mem", "lots", "--", "true"], 2, "--mem lots: not a size"),
     (["--image", "IMAGE", "--changes", "missing.tar.zst", "--", "true"], 2, "changes missing.tar.zst: No such file"),
     (["--image", "missing.img", "--", "true"], 2, "image missing.img: no such file"),
+    (["--image", "taken", "--", "true"], 2, "image taken: no such file"),
+    (["--image", "delta.tar.zst", "--", "true"], 2, "image delta.tar.zst: not an ext2/3/4 file system; an AppPot image is"),
     (["--image", "IMAGE", "--params", "missing", "--", "true"], 8, "cannot read the parameters file missing"),
     (["--image", "IMAGE", "--name", "taken", "--", "true"], 3, "taken already exists: give a new --name"),
     (["status", "nothing-here"], 6, "nothing-here: no submit.json: not a directory apppot-submit wrote"),
@@ -146,6 +149,7 @@ def test_refusals_are_one_line_with_their_exit_code_and_write_nothing(
         tmp_path: Path, image: Path, args: list[str], code: int, message: str) -> None:
     (tmp_path / "taken").mkdir()
     (tmp_path / "nothing-here").mkdir()
+    (tmp_path / "delta.tar.zst").write_bytes(b"(a delta given as the image)" * 100)
     before = sorted(tmp_path.rglob("*"))
     result = run_submit(*[str(image) if a == "IMAGE" else a for a in args], cwd=tmp_path)
     assert result.returncode == code, result.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from apppot_guest.account import Account
-from fixtures_uml import LAUNCHER, PYTHON, as_user, run_dirs
+from fixtures_uml import LAUNCHER, PYTHON, as_user, fake_image, run_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,7 @@ def test_your_own_cow_file_is_made_by_the_first_run_and_kept(uml_user: Account, 
     assert runs[1].stdout == "kept\n"
     assert cow.read_bytes()[:4] == b"OOOM" and cow.stat().st_uid == uml_user.uid
     other = uml_jobdir / "other.img"  # the COW file the kernel wrote names its image: another one is refused
-    other.write_bytes(b"\0" * 4096)
+    fake_image(other)
     refused = subprocess.run(as_user(uml_user, [PYTHON, LAUNCHER, "--image", f"{cow}:{other}", "--jobdir", uml_jobdir, "--", "true"]),
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode == 2 and f"it was made over {apppot_image}, not {other}" in refused.stderr, refused.stderr

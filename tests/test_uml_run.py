@@ -15,6 +15,7 @@ import pytest
 from apppot_guest.errors import UsageError
 from apppot_guest.status import FIELDS
 from apppot_host import uml_launch, uml_run, uml_vm
+from fixtures_uml import fake_image
 
 PYTHON = "/usr/bin/python3"
 
@@ -61,7 +62,7 @@ def test_bad_durations(text: str, message: str) -> None:
 @pytest.mark.parametrize("exclusive", [True, False], ids=["in-place", "base"])
 def test_a_disk_in_use_is_refused_naming_the_holder(tmp_path: Path, exclusive: bool) -> None:
     image = tmp_path / "my image, v1.img"
-    image.write_bytes(b"\0" * 4096)
+    fake_image(image)
     holder = subprocess.Popen(  # another apppot-start writing the image in place: it holds it until told to go
         [PYTHON, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
          "print('held', flush=True); sys.stdin.read()", image],
@@ -80,7 +81,7 @@ def test_a_disk_in_use_is_refused_naming_the_holder(tmp_path: Path, exclusive: b
 
 def test_bases_are_shared_and_a_base_in_use_cannot_be_written_in_place(tmp_path: Path) -> None:
     image = tmp_path / "base.img"
-    image.write_bytes(b"\0" * 4096)
+    fake_image(image)
     first, second = uml_run.lock_image(image, False), uml_run.lock_image(image, False)  # two jobs on one base
     try:
         with pytest.raises(uml_run.BusyError, match="a writable image runs one VM at a time"):
