@@ -140,7 +140,7 @@ def hash_batch(root: bytes, files: list[tuple[bytes, bool]]) -> list[Digest]:
                 current = parent
                 where = os.path.join(root, parent) if parent else root
                 try:
-                    dir_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    dir_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if parent else 0))
                 except OSError:
                     dir_fd = None  # hash_file says what is wrong, by the file's full path
             digests.append(hash_file(os.path.join(root, rel), sparse, dir_fd, name))

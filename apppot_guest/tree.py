@@ -219,7 +219,8 @@ def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_
     """
     full_dir = os.path.join(broot, rel_dir) if rel_dir else broot
     try:
-        dir_fd = os.open(full_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # A directory met on the walk is never followed if it became a symlink meanwhile; the root may be one.
+        dir_fd = os.open(full_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
     except OSError as exc:
         raise fs_error(exc, "list", full_dir) from exc
     try:

@@ -118,3 +118,12 @@ def test_walk_from_a_relative_root_leaves_our_working_directory_as_it_was(tmp_pa
     assert paths == [b"a", b"a/b", b"a/b/file", b"a/link"]
     assert os.getcwd() == os.fspath(tmp_path)
     assert seen == [os.fsencode(Path("tree") / "a" / temporary.name)] and os.path.exists(seen[0])
+
+
+def test_a_root_given_as_a_symlink_is_walked(tmp_path: Path) -> None:
+    """The root is opened as given (a directory met on the walk is never followed if it became a symlink)."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "sub" / "file").write_text("x")
+    (tmp_path / "root").symlink_to("real")
+    paths = [path for path, _key, _sparse in walk(tmp_path / "root", Excluder([]))]
+    assert paths == [b"sub", b"sub/file"]
