@@ -317,11 +317,12 @@ def power_off(root: Path, pid1: bool) -> None:
 
     As PID 1: stop all processes, remount / read-only, reboot(2) with
     RB_POWER_OFF.  Under systemd: sync, remount / read-only where nothing
-    holds it open for writing, then ``systemctl poweroff --force --force``
-    (reboot(2) at once: 0.3-0.5 s faster than stopping units in UML; after the
-    sync nothing is lost, ext4's journal covers a root still mounted
-    read-write, and hostfs wrote through to the host).  Under sysvinit:
-    ``poweroff``.
+    holds it open for writing, then reboot(2) at once, as ``systemctl poweroff
+    --force --force`` does (0.3-0.5 s faster than stopping units in UML; after
+    the sync nothing is lost, ext4's journal covers a root still mounted
+    read-write, and hostfs wrote through to the host).  In UML we call it
+    ourselves (starting systemctl costs 0.03 s there); elsewhere, and if that
+    fails, systemctl does.  Under sysvinit: ``poweroff``.
     """
     os.sync()
     if pid1:
@@ -341,6 +342,9 @@ def power_off(root: Path, pid1: bool) -> None:
             except FsError as exc:
                 log.info("%s (the journal covers it)", exc)
             os.sync()
+            if in_uml():
+                _libc.reboot(ctypes.c_int(RB_POWER_OFF))
+                log.info("reboot(2) failed (%s): asking systemctl", os.strerror(ctypes.get_errno()))
         argv = ["systemctl", "poweroff", "--force", "--force"]
     else:
         argv = ["poweroff"]
