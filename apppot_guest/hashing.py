@@ -103,7 +103,8 @@ def hash_file(full: bytes, sparse: bool, dir_fd: int | None = None, name: bytes 
     is opened as ``name`` in that directory (``full`` names it in messages).
     """
     try:
-        fd = os.open(full if dir_fd is None else name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY, dir_fd=dir_fd)  # type: ignore[arg-type]
+        opened = full if dir_fd is None or name is None else name
+        fd = os.open(opened, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY, dir_fd=dir_fd)
     except OSError as exc:
         raise fs_error(exc, "read", full) from exc
     try:

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from apppot_guest.errors import AppPotError, ConfigError, UsageError, display_pa
 from .allocation import guest_memory
 from .uml_host import choose_cpu, find_kernel, host_memory_mib, kernel_description, network_helper, uml_tmpdir
 from .uml_launch import EXIT_CHECK_FAILED, EXIT_CODES, EXIT_LAUNCHER, PROG, Disk, Plan, launch
-from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, image_problem, parse_duration
+from .uml_run import GUEST_JOBDIR, GUEST_RUNDIR, UNSAFE_PATH, RunDir, cow_problem, image_problem, parse_duration
 
 log = logging.getLogger("apppot-start")
 
@@ -118,45 +117,6 @@ def resolve_disk(spec: str, run: RunDir, ephemeral: bool) -> tuple[str, Disk, tu
     if image_writable(image) and not ephemeral:
         return os.fspath(run.safe(image, "image")), Disk.IN_PLACE, ((image, True),)
     return f"{run.path / 'cow'},{run.safe(image, 'image')}", Disk.PER_RUN_COW, ((image, False),)
-
-
-COW_MAGICS = (b"OOOM", b"MOOO")  # UML's COW header: its magic 0x4f4f4f4d, big-endian (versions 2, 3) or the host's (1)
-# Version 3 of UML's COW header (arch/um/drivers/cow_user.c), big-endian: magic, version, the backing
-# file's mtime and size, sector size, alignment, format, then the backing file's path (4096 bytes).
-COW_V3 = struct.Struct(">4sIIQIII4096s")
-
-
-def cow_problem(cow: Path, image: Path) -> str | None:
-    """Why the existing file ``cow`` cannot be booted over ``image`` (None: it can).
-
-    UML itself panics on a file that is not a COW file ("Unable to mount root fs"), and
-    over another image, or an image changed since, it silently boots the image the COW
-    file names instead, if that one still fits, or panics.
-    """
-    try:
-        with open(cow, "rb") as f:
-            header = f.read(COW_V3.size)
-        st = image.stat()
-    except OSError as exc:
-        return exc.strerror or "cannot be read"
-    if not header:
-        return "empty, not a UML copy-on-write file"
-    if header[:4] not in COW_MAGICS:
-        return "not a UML copy-on-write file (no COW header)"
-    if len(header) < COW_V3.size or COW_V3.unpack(header)[1] != 3 or not COW_V3.unpack(header)[7][:1].strip(b"\0"):
-        return None  # an older header (UML checks it itself)
-    _, _, mtime, size, _, _, _, raw = COW_V3.unpack(header)
-    backing = raw.split(b"\0", 1)[0]
-    if (size, mtime) == (st.st_size, int(st.st_mtime) & 0xFFFFFFFF):
-        return None  # the same image, or a copy of it as it was (UML switches to it)
-    try:
-        same = os.path.samefile(backing, image)
-    except OSError:
-        same = False
-    if same:
-        return (f"the image {display_path(image)} changed since the COW file was made over it (its size or modification "
-                "time differ), so the COW file's blocks no longer fit it")
-    return f"it was made over {display_path(os.fsdecode(backing))}, not {display_path(image)} (give that image to go on with it)"
 
 
 def image_writable(image: Path) -> bool:

@@ -110,11 +110,16 @@ def cpu_list(cpus: set[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def stat_field(stat: bytes, number: int) -> bytes:
+    """Field ``number`` (as proc(5) counts them, from 1) of a /proc/PID/stat line; the command's
+    name, field 2, may hold spaces and parentheses, so fields are counted after its last ')'."""
+    return stat[stat.rindex(b")") + 2:].split()[number - 3]
+
+
 def current_cpu() -> int | None:
     """The CPU this process last ran on (field 39 of /proc/self/stat), None where it cannot be read."""
     try:
-        stat = Path("/proc/self/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[36])
+        return int(stat_field(Path("/proc/self/stat").read_bytes(), 39))
     except (OSError, ValueError, IndexError):
         return None
 
@@ -139,7 +144,7 @@ def vms_per_cpu(proc: Path = Path("/proc")) -> collections.Counter[int]:
         except (OSError, StopIteration, IndexError):
             continue  # gone, or not ours to read
         if allowed.isdigit():
-            groups[int(stat[stat.rindex(b")") + 2:].split()[2])] = int(allowed)
+            groups[int(stat_field(stat, 5))] = int(allowed)  # field 5: the process group
     return collections.Counter(groups.values())
 
 
@@ -152,7 +157,7 @@ def choose_cpu(spec: str) -> tuple[int | None, str]:
     host CPUs each hand-off is a cross-CPU wake-up (in a virtual machine, an
     interrupt between virtual CPUs); on one CPU it is a plain context switch.
     Measured on a 2-core virtual machine: a guest system call 58 -> 7.5 us, a
-    page fault 86 -> 20 us, `apppot-start -- true` 1.5 -> 0.7 s (docs/host.md).
+    page fault 86 -> 20 us, `apppot-start -- true` 1.31 -> 0.63 s (docs/host.md).
 
     ``auto``: of the CPUs we may use (a batch system's cpuset), one with the
     fewest AppPot VMs pinned to it, so VMs started side by side never share a

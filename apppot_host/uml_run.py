@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -237,6 +238,47 @@ def image_problem(image: Path) -> str | None:
         return ("not an ext2/3/4 file system; an AppPot image is a raw ext4 image, as apppot-build-image makes (not a "
                 "partitioned disk, a qcow2 file or a delta)")
     return None
+
+
+COW_MAGICS = (b"OOOM", b"MOOO")  # UML's COW header: its magic 0x4f4f4f4d, big-endian (versions 2, 3) or the host's (1)
+# Version 3 of UML's COW header (arch/um/drivers/cow_user.c), big-endian: magic, version, the backing
+# file's mtime and size, sector size, alignment, format, then the backing file's path (4096 bytes).
+COW_V3 = struct.Struct(">4sIIQIII4096s")
+
+
+def cow_problem(cow: Path, image: Path) -> str | None:
+    """Why the existing file ``cow`` cannot be booted over ``image`` (None: it can).
+
+    UML itself panics on a file that is not a COW file ("Unable to mount root fs"), and
+    over another image, or an image changed since, it silently boots the image the COW
+    file names instead, if that one still fits, or panics.
+    """
+    try:
+        with open(cow, "rb") as f:
+            header = f.read(COW_V3.size)
+        st = image.stat()
+    except OSError as exc:
+        return exc.strerror or "cannot be read"
+    if not header:
+        return "empty, not a UML copy-on-write file"
+    if header[:4] not in COW_MAGICS:
+        return "not a UML copy-on-write file (no COW header)"
+    if len(header) < COW_V3.size:
+        return None  # an older, shorter header (UML checks it itself)
+    _, version, mtime, size, _, _, _, raw = COW_V3.unpack(header)
+    backing = raw.split(b"\0", 1)[0]
+    if version != 3 or not backing:
+        return None  # an older header, or version 3 in its old 64-bit layout (UML checks them itself)
+    if (size, mtime) == (st.st_size, int(st.st_mtime) & 0xFFFFFFFF):
+        return None  # the same image, or a copy of it as it was (UML switches to it)
+    try:
+        same = os.path.samefile(backing, image)
+    except OSError:
+        same = False
+    if same:
+        return (f"the image {display_path(image)} changed since the COW file was made over it (its size or modification "
+                "time differ), so the COW file's blocks no longer fit it")
+    return f"it was made over {display_path(os.fsdecode(backing))}, not {display_path(image)} (give that image to go on with it)"
 
 
 def parse_size(text: str) -> str:

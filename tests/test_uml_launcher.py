@@ -263,9 +263,10 @@ def test_the_exit_code_table_is_the_one_in_the_code_in_help_and_readme() -> None
 
 
 def test_cpu_choice_auto_any_a_number_and_the_cpu_list_notation() -> None:
-    from apppot_host.uml_host import choose_cpu, cpu_list, current_cpu
+    from apppot_host.uml_host import choose_cpu, cpu_list, current_cpu, stat_field
 
     allowed = os.sched_getaffinity(0)
+    assert stat_field(b"4242 (a) b (c)) S 1 4240 4239 0 -1", 5) == b"4240"  # a command name with ") " in it
     assert cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and cpu_list({3}) == "3"
     assert current_cpu() in set(range(os.cpu_count() or 1))
     cpu, why = choose_cpu("auto")
