@@ -10,6 +10,7 @@ files with more than one link, which are few: see ``walk``).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Protocol
 
 from .atomicfile import ANY_MARK, is_temporary
 from .errors import ConfigError, fs_error
-from .manifest import KIND_OF_MODE, Kind, escape, format_key
+from .manifest import KIND_OF_MODE, escape, format_key
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +208,16 @@ def walk(root: Path, exclude: Excluder, on_temporary: Callable[[bytes], object] 
 # sparse, hardlink inode (None: a single link), link count.
 Planned = tuple[bytes, bytes, "bytes | None", bool, "tuple[int, int] | None", int]
 _by_sort_key = itemgetter(0)
-_KIND_BYTES = {kind: kind.encode() for kind in Kind}
+_KIND_BYTES_OF_MODE = {mode: kind.encode() for mode, kind in KIND_OF_MODE.items()}
 
 
 def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_temporary: Callable[[bytes], object] | None) -> list[Planned]:
     """The entries of one directory, each with its key, and its subdirectories' contents to come, in walk order.
 
-    Each entry is looked at by its name in the open directory (``lstat`` through the directory's
-    descriptor, ``listxattr`` from inside it), not by its full path: the kernel resolves one
-    component instead of every one of the path, a fifth of the walk's system time (measured).
+    Each entry is looked at by its name from inside the open directory (``fchdir``, then ``lstat``
+    and ``listxattr`` of the name), not by its full path: the kernel resolves one component
+    instead of every one of the path, a fifth of the walk's system time (measured).  Where the
+    working directory cannot be reopened to come back to, full paths are used instead.
     """
     full_dir = os.path.join(broot, rel_dir) if rel_dir else broot
     try:
@@ -247,53 +249,68 @@ def list_dir(broot: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder, on_
 
 def _list_open_dir(dir_fd: int, full_dir: bytes, rel_dir: bytes, root_dev: int, exclude: Excluder,
                    temporaries: list[bytes], *, relative: bool) -> list[Planned]:
-    listing = list(os.scandir(dir_fd))
+    """``list_dir``'s work on the open directory; ``relative``: it is the working directory too.
+
+    The hot loop of every walk: names come as bytes (``listdir``), each is
+    looked at once (``lstat``) and its key formatted in one step in the common
+    case (no xattrs, no target, no device), as format_key would write it.
+    """
+    lstat: Callable[[bytes], os.stat_result]
+    listxattr: Callable[[bytes], list[str]]
+    if relative:  # names relative to the working directory: the kernel resolves one component
+        names = os.listdir(b".")
+        lstat, listxattr = os.lstat, functools.partial(os.listxattr, follow_symlinks=False)
+    else:
+        names = [os.fsencode(n) for n in os.listdir(dir_fd)]
+        lstat = functools.partial(os.lstat, dir_fd=dir_fd)
+
+        def listxattr(name: bytes) -> list[str]:
+            return os.listxattr(os.path.join(full_dir, name), follow_symlinks=False)
     excluded = exclude.in_directory(rel_dir)
     prefix = rel_dir + b"/" if rel_dir else b""
     planned: list[Planned] = []
     append = planned.append
-    kinds, file_kind, dir_kind, link_kind = KIND_OF_MODE, Kind.FILE, Kind.DIR, Kind.SYMLINK
-    listxattr, s_ifmt, s_imode, fsencode, join = os.listxattr, stat.S_IFMT, stat.S_IMODE, os.fsencode, os.path.join
-    for item in listing:
-        name = fsencode(item.name)
-        rel = prefix + name
-        if excluded and excluded(rel):
+    kind_bytes, s_ifreg, s_ifdir, s_iflnk, join = _KIND_BYTES_OF_MODE, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, os.path.join
+    for name in names:
+        if excluded and excluded(prefix + name):
             continue
         if ANY_MARK in name and is_temporary(name):
             temporaries.append(join(full_dir, name))  # AppPot's own, live or left by a dead run: never recorded
             continue
         try:
-            st = item.stat(follow_symlinks=False)  # fstatat(dir_fd, name)
-            kind = kinds.get(s_ifmt(st.st_mode))
+            st = lstat(name)
+            mode = st.st_mode
+            ifmt = mode & 0o170000
+            kind = kind_bytes.get(ifmt)
             if kind is None:
                 continue  # a socket: it cannot be archived and is recreated by its program
             target = b""
             sparse = False
             inode = None
             size = 0
-            if kind is file_kind:
+            if ifmt == s_ifreg:
                 size = st.st_size
                 if st.st_nlink > 1:
                     inode = (st.st_dev, st.st_ino)
                 sparse = st.st_blocks * 512 < size
-            elif kind is dir_kind:
+            elif ifmt == s_ifdir:
                 if st.st_dev != root_dev:
                     log.debug("not crossing into the mount point %s", os.fsdecode(join(full_dir, name)))
                     continue
-                append((name + b"/", rel, None, False, None, 0))
-            elif kind is link_kind:
+                append((name + b"/", prefix + name, None, False, None, 0))
+            elif ifmt == s_iflnk:
                 target = os.readlink(name, dir_fd=dir_fd)
-            here = name if relative else join(full_dir, name)  # relative: we are in the directory
             try:
-                has_xattrs = bool(listxattr(here, follow_symlinks=False))
+                has_xattrs = bool(listxattr(name))
             except OSError:
                 has_xattrs = True  # let read_xattrs tell "none" from a real error
-            if target or has_xattrs or kind is Kind.CHAR or kind is Kind.BLOCK:
-                key = format_key(kind, s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, target, st.st_rdev,
-                                 read_xattrs(here) if has_xattrs else (), b"")
+            if target or has_xattrs or kind == b"c" or kind == b"b":
+                here = name if relative else join(full_dir, name)
+                key = format_key(KIND_OF_MODE[ifmt], mode & 0o7777, st.st_uid, st.st_gid, size, st.st_mtime_ns, target,
+                                 st.st_rdev, read_xattrs(here) if has_xattrs else (), b"")
             else:  # the common case, as format_key writes it
-                key = b"%s\t%o\t%d\t%d\t%d\t%d\t\t\t\t" % (_KIND_BYTES[kind], s_imode(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns)
-            append((name, rel, key, sparse, inode, st.st_nlink))
+                key = b"%s\t%o\t%d\t%d\t%d\t%d\t\t\t\t" % (kind, mode & 0o7777, st.st_uid, st.st_gid, size, st.st_mtime_ns)
+            append((name, prefix + name, key, sparse, inode, st.st_nlink))
         except FileNotFoundError:
             continue  # vanished while we looked: not part of this tree
         except OSError as exc:

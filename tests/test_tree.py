@@ -127,3 +127,35 @@ def test_a_root_given_as_a_symlink_is_walked(tmp_path: Path) -> None:
     (tmp_path / "root").symlink_to("real")
     paths = [path for path, _key, _sparse in walk(tmp_path / "root", Excluder([]))]
     assert paths == [b"sub", b"sub/file"]
+
+
+def test_walk_without_a_way_back_to_the_working_directory_gives_the_same_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the working directory cannot be opened to come back to, list_dir stays in it and looks at
+    entries by their full paths: the same keys (symlink targets, xattrs, fifos, hardlinks) either way."""
+    from apppot_guest.atomicfile import temp_name
+
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "file").write_text("x")
+    (tree / "a" / "link").symlink_to("b/file")
+    os.link(tree / "a" / "b" / "file", tree / "a" / "hard")
+    os.mkfifo(tree / "a" / "fifo")
+    (tree / "a" / temp_name("file")).write_text("half-written")
+    try:
+        os.setxattr(tree / "a" / "b" / "file", "user.apppot.test", b"v")
+    except OSError:
+        pass  # a file system without user xattrs: the rest still holds
+    seen: list[bytes] = []
+    expected = list(walk(tree, Excluder([]), on_temporary=seen.append))
+    real_open = os.open
+
+    def no_dot(path: object, flags: int, *args: object, **kw: object) -> int:
+        if path == "." and flags & os.O_PATH:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_dot)
+    seen_full: list[bytes] = []
+    assert list(walk(tree, Excluder([]), on_temporary=seen_full.append)) == expected
+    assert seen_full == seen and len(seen) == 1
+    assert [p for p, _k, _s in expected] == [b"a", b"a/b", b"a/b/file", b"a/fifo", b"a/hard", b"a/link"]
