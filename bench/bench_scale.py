@@ -243,8 +243,10 @@ def run_scale(sizes: list[int], write: bool = True, repeat: int = 3) -> int:
         "floor_walk.c makes exactly apppot-snap's system calls and nothing else. Its wall time over tar -z's, at "
         f"{', '.join(label for label in dict.fromkeys(r[0] for r in rows))}: "
         + "; ".join(f"{what} {', '.join(f'{x:.2f}x' for x in ratios)}" for what, ratios in floors.items()) + ". "
-        "So 0.5x of tar -z is about what those system calls alone take on both cores, split perfectly, with "
-        "nothing spent on the keys, the comparison or the delta. Where the changed content is large (the "
+        "So 0.5x of tar -z lies between what those system calls alone take on one CPU and on two: only a walk "
+        "that spends little beyond them and splits them over both cores could meet it, a walker in C. apppot-snap "
+        "is Python: besides the system calls it makes and compares a key per entry, and its CPU time is several "
+        "times the floor's (the floor rows' CPU ratio). Where the changed content is large (the "
         "reference scenario above, hundreds of MB of packages), compression dominates and `changes` takes about "
         "0.25x of `tar -z`. A UML guest has one CPU: there (rows \"one CPU\") apppot-snap works in one process, "
         "and tar and gzip share the CPU.",
