@@ -8,7 +8,9 @@ for it, and sends it:
 
 - *listings*: the walk asks for a directory's entries in walk order;
   ``listing`` hands back the one a worker prepared and has workers list the
-  next directories of the walk meanwhile (at most ``LOOKAHEAD`` ahead);
+  next directories of the walk meanwhile (at most ``LOOKAHEAD`` ahead), once
+  the walk has listed ``POOL_AFTER`` entries itself: a tree of a few thousand
+  directories is walked sooner without workers than with them;
 - *hash batches* (``map``): hundreds of small files, or one large one (streamed
   in 1 MiB chunks), per task, a bounded number in flight, results given back
   in the order the items came, so that a sorted walk streams through.
@@ -34,6 +36,10 @@ BATCH_FILES = 256  # small files per batch: a worker's round trip costs about as
 BATCH_BYTES = 8 << 20  # a batch holds about this much content; a larger file is a batch of its own
 WINDOW = 2048  # entries passed along per batch, hashed or not: bounds what waits in memory
 LOOKAHEAD = 16  # directory listings prepared ahead of the walk
+# Entries a walk lists in its own process before workers list ahead of it: below this, forking
+# and feeding workers costs more than it saves (measured: a 15k-entry Debian tree, 1700
+# directories, took 0.45 s with workers and 0.34 s without; a 30k-entry tree the same either way).
+POOL_AFTER = 30_000
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -60,13 +66,16 @@ def _hash_task(files: list[tuple[bytes, bool]]) -> list[Digest]:
 class Workers:
     """The worker processes of one command on one root.  Use as a context manager."""
 
-    def __init__(self, root: bytes, exclude: Excluder, on_temporary: Callable[[bytes], object] | None = None, workers: int | None = None) -> None:
+    def __init__(self, root: bytes, exclude: Excluder, on_temporary: Callable[[bytes], object] | None = None, workers: int | None = None,
+                 pool_after: int = POOL_AFTER) -> None:
         self.root, self.exclude, self.on_temporary = root, exclude, on_temporary
         self.workers = usable_cpus() if workers is None else workers
+        self.pool_after = pool_after
         self._pool: ForkPool | None = None
         # For each directory the walk is in, deepest last: its subdirectories (in walk order),
         # the listings under way in workers, and how many of the subdirectories were handed out.
         self._todo: list[tuple[list[bytes], dict[bytes, Pending], list[int]]] = []
+        self._listed = 0  # entries listed so far (see pool_after)
 
     def __enter__(self) -> Workers:
         return self
@@ -109,7 +118,9 @@ class Workers:
             subdirs = [p[1] for p in result if p[2] is None]
             if subdirs:
                 self._todo.append((subdirs, {}, [0]))
-            self._prefetch(root_dev, last)
+            self._listed += len(result)
+            if self._listed >= self.pool_after:
+                self._prefetch(root_dev, last)
         return result
 
     def _prefetch(self, root_dev: int, last: bytes) -> None:

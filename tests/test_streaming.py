@@ -32,7 +32,8 @@ ODD_ORDER = ["a", "a/b", "a/b/c", "a b", "a-b", "a-b/c", "a.c", "a0", "ab", "a\x
 
 def streaming(root: Path, checksum: bool, for_delta: bool, workers: int) -> Diff:
     exclude = Excluder.load(root)
-    with Workers(os.fsencode(root), exclude, None, workers=workers) as pool:
+    # pool_after=0: workers list ahead from the first directory on (a real walk starts them after POOL_AFTER entries).
+    with Workers(os.fsencode(root), exclude, None, workers=workers, pool_after=0) as pool:
         return compare(read_records(root), walk(root, exclude, lister=pool), exclude, pool, checksum=checksum, for_delta=for_delta)
 
 
@@ -187,3 +188,16 @@ def test_no_process_to_fork_means_working_in_one(rootfs: Path, monkeypatch: pyte
 
     monkeypatch.setattr(os, "fork", no_fork)
     assert streaming(rootfs, checksum=True, for_delta=True, workers=2) == expected
+
+
+def test_workers_list_ahead_only_once_the_walk_has_listed_pool_after_entries(tmp_path: Path) -> None:
+    """A small tree is listed by the command's own process (forking and feeding workers would cost more);
+    past ``pool_after`` entries workers list ahead, with the same result."""
+    root = make_odd_tree(tmp_path / "root")
+    exclude = Excluder.load(root)
+    results = []
+    for pool_after, forks in ((10**9, False), (5, True)):
+        with Workers(os.fsencode(root), exclude, None, workers=2, pool_after=pool_after) as pool:
+            results.append(list(walk(root, exclude, lister=pool)))
+            assert (pool._pool is not None) is forks
+    assert results[0] == results[1] == list(walk(root, exclude))
