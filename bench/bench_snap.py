@@ -143,6 +143,7 @@ def main() -> int:
         root = work / "root"
         print("bench: building the reference tree (cached under ~/.cache/apppot)", file=sys.stderr)
         subprocess.run([*MKROOTFS, str(root), "--packages", *PACKAGES], check=True, stdout=subprocess.DEVNULL, env=CHECKOUT_ENV)
+        os.sync()
         entries = sum(len(d) + len(f) for _, d, f in os.walk(root))
         size = int(subprocess.run(["du", "-sm", str(root)], capture_output=True, text=True).stdout.split()[0])
         excludes = tar_excludes(work)
@@ -160,6 +161,7 @@ def main() -> int:
 
         print("bench: changing the tree in a chroot (apt-get install python3-numpy, gfortran)", file=sys.stderr)
         mutate(root)
+        os.sync()  # both tools meet a settled tree, not apt's writeback
         snar1 = work / "level1.snar"
 
         def fresh_snar1() -> None:
